@@ -1,0 +1,153 @@
+"""Deep Grokking: per-layer feature rank of a deep MLP tracks its (multi-stage) generalisation.
+
+Reproduces Fan, Pascanu & Jaggi 2024 ("Deep Grokking", arXiv 2405.19454): ReLU MLPs of depth
+4, 8 or 12 and width 400, every parameter scaled x8 after the default init, trained with MSE on
+one-hot targets (AdamW, batch 200) on the first N MNIST training images. Deeper networks grok
+later and more; at N=7000 the 8- and 12-layer networks show a second surge of test accuracy,
+aligned with a double descent of the feature rank of the deep layers, which form a low-rank
+"tunnel". The weight norm, by contrast, falls smoothly. Rank = numerical rank (float64, default
+tolerance) of the covariance of each layer's pre-activations on 10k test images, logged at
+log-spaced steps and every --rank-every steps.
+
+    python exp_deep_mlp_rank.py                                   # depth 12, N=7000, 1e5 steps
+    python exp_deep_mlp_rank.py --depth 8 --train-size 5000
+    python exp_deep_mlp_rank.py --quick                           # seconds, the same code path
+    # CPU-scale setting (documented in RESULTS.md), Fashion-MNIST from Debian's package:
+    python exp_deep_mlp_rank.py --dataset fashion-mnist --depth 8 --width 200 --train-size 1000 \
+        --weight-decay 0.1 --steps 15000
+
+Data: --data-dir holds torchvision's layout (MNIST/raw/train-images-idx3-ubyte, ...); it is
+downloaded there unless --no-download. Hardware and time: depth 12, 1e5 steps, about 15 minutes
+on one GPU; hours on a CPU. The plot should show test accuracy rising in one or two stages long
+after train accuracy hits 100%, and the rank of the deep layers falling (then rising and falling
+again in the two-stage case) as it does.
+"""
+import dataclasses
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import common
+
+
+@dataclasses.dataclass
+class Config:
+    dataset: str = "mnist"  # mnist or fashion-mnist (same format, same code)
+    data_dir: str = "data"  # torchvision root: <data-dir>/MNIST/raw/ or <data-dir>/FashionMNIST/raw/
+    download: bool = True  # download through torchvision when the files are missing
+    train_size: int = 7000  # N: the first N training images, as in Deep Grokking
+    width: int = 400  # hidden width
+    depth: int = 12  # number of Linear layers (depth - 1 ReLU layers)
+    init_scale: float = 8.0  # every parameter is multiplied by this after the default init
+    steps: int = 100_000  # optimisation steps
+    batch_size: int = 200  # training batch
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 0.01  # AdamW weight decay
+    evals: int = 40  # number of log-spaced evaluation steps
+    rank_every: int = 3000  # also evaluate every this many steps (the rank curve of the paper)
+    lc_radius: float = 0.05  # radius r of the cross-polytope (0.05 matches the paper's Fig. 2 at init)
+    lc_directions: int = 25  # P: the cross-polytope has 2P vertices
+    lc_points: int = 1024  # points for LC (train, test and random each)
+    lc_batch: int = 128  # points per LC forward (times 2P vertices)
+    pgd_eps: tuple = (0.03, 0.06, 0.1)  # L-inf radii in pixel units ([0, 1] images)
+    pgd_alpha: float = 0.0156  # PGD step size
+    pgd_steps: int = 20  # PGD steps
+    pgd_restarts: int = 1  # PGD random restarts (an example is robust if it survives all)
+    pgd_points: int = 1024  # test images attacked
+    rank_points: int = 10_000  # test points whose features give the per-layer rank
+    partition_resolution: int = 300  # grid points per side of the partition pictures
+    seed: int = 0  # seeds the model, the batches and every measurement
+    device: str = "auto"  # auto, cuda, mps or cpu
+    out: str = "runs/deep_mlp_rank"  # run folder
+    resume: bool = False  # continue the run in --out from its last checkpoint
+    quick: bool = False  # a seconds-long run of the same code path
+    CHOICES = {"dataset": ["mnist", "fashion-mnist"], "device": ["auto", "cuda", "mps", "cpu"]}
+
+
+def load_images(cfg, train):
+    """(images (N, 1, 28, 28) float in [0, 1], labels) through torchvision's own IDX reader."""
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}[cfg.dataset]
+    try:
+        ds = cls(cfg.data_dir, train=train, download=cfg.download)
+    except (RuntimeError, OSError) as e:
+        raise SystemExit(f"error: {cfg.dataset} not found in {cfg.data_dir}/{cls.__name__}/raw/ (expected "
+                         f"train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                         f"t10k-labels-idx1-ubyte) and could not be downloaded ({str(e).splitlines()[0]}); "
+                         f"put the files there or pass --data-dir") from None
+    return ds.data.unsqueeze(1).float() / 255, ds.targets
+
+
+def make_model(cfg):
+    layers, width_in = [nn.Flatten()], 28 * 28
+    for _ in range(cfg.depth - 1):
+        layers += [nn.Linear(width_in, cfg.width), nn.ReLU()]
+        width_in = cfg.width
+    model = nn.Sequential(*layers, nn.Linear(width_in, 10))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(cfg.init_scale)
+    return model
+
+
+def mse_one_hot(out, y):
+    return F.mse_loss(out, F.one_hot(y, 10).to(out.dtype))
+
+
+def main(cfg):
+    if cfg.quick:
+        cfg = dataclasses.replace(cfg, train_size=min(cfg.train_size, 200), steps=200, evals=6, lc_points=64,
+                                  pgd_points=64, lc_directions=8, pgd_steps=5, batch_size=50, depth=6,
+                                  width=64, rank_every=100,
+                                  rank_points=256, partition_resolution=64)
+    device = common.pick_device(cfg.device)
+    common.seed_everything(cfg.seed)
+    timer = common.Timer(device)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    with timer("setup"):
+        x_train, y_train = load_images(cfg, train=True)
+        x_test, y_test = load_images(cfg, train=False)
+    if cfg.train_size > len(x_train):
+        raise SystemExit(f"error: --train-size {cfg.train_size} but the data set has {len(x_train)} images")
+    run = common.start_run(cfg.out, cfg, device, cfg.resume)
+    x_train, y_train = x_train[:cfg.train_size].to(device), y_train[:cfg.train_size].to(device)
+    x_test, y_test = x_test.to(device), y_test.to(device)
+
+    model = make_model(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sample_gen = torch.Generator(device).manual_seed(cfg.seed + 2)  # draws the training batches
+    start = 0
+    if cfg.resume:
+        start = common.load_checkpoint(run, model, optimizer, sample_gen)
+        common.truncate_metrics(run, start)
+
+    # what every evaluation measures, fixed for the whole run (random points: uniform in [0, 1]^784)
+    probes = {"train": (x_train, y_train), "test": (x_test, y_test), "loss_fn": mse_one_hot,
+              "lc_points": {"train": x_train[:cfg.lc_points], "test": x_test[:cfg.lc_points],
+                            "random": torch.rand(cfg.lc_points, 1, 28, 28, generator=data_gen).to(device)},
+              "directions": common.random_directions(cfg.lc_directions, 28 * 28, data_gen),
+              "rank_x": x_test[:cfg.rank_points], "pgd_x": x_test[:cfg.pgd_points], "pgd_y": y_test[:cfg.pgd_points],
+              "pgd_gen": torch.Generator(device).manual_seed(cfg.seed + 1), "lo": 0.0, "hi": 1.0,
+              "anchors": x_train[torch.stack([(y_train == c).nonzero()[0, 0] for c in range(3)])]}
+    eval_steps = sorted(set(common.log_steps(cfg.steps, cfg.evals)) | set(range(0, cfg.steps, cfg.rank_every)))
+    print(f"{run}: {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} {cfg.dataset} "
+          f"train images, device {device}")
+
+    for step in range(start, cfg.steps + 1):
+        if step in eval_steps and not (cfg.resume and step == start):
+            common.evaluate_and_log(model, cfg, step, probes, run, timer,
+                                    lambda: common.save_checkpoint(run, model, optimizer, step, sample_gen))
+        if step == cfg.steps:
+            break
+        with timer("train"):
+            idx = torch.randint(len(x_train), (cfg.batch_size,), device=device, generator=sample_gen)
+            loss = mse_one_hot(model(x_train[idx]), y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return common.finish_run(run, timer, cfg.steps - start)
+
+
+if __name__ == "__main__":
+    main(common.parse_config(Config))
