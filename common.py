@@ -256,8 +256,9 @@ def weight_norm(model):
 def pgd_attack(model, x, y, eps, alpha, steps, random_start=True, restarts=1, lo=0.0, hi=1.0,
                generator=None):
     """L-infinity PGD on the cross-entropy (untargeted). Returns adversarial inputs with
-    |x_adv - x| <= eps and lo <= x_adv <= hi: for each example, the first restart that fools the
-    model, else the last restart. The model runs in eval mode and is left unchanged.
+    |x_adv - x| <= eps and lo <= x_adv <= hi: for each example, the first iterate (of any step of
+    any restart) that fools the model, else the last iterate. So robust accuracy can only fall with more steps or
+    restarts. The model runs in eval mode and is left unchanged (no parameter, buffer or .grad).
 
     The loss is computed in float64 from the logits: in float32, softmax saturates on very
     confident logits and the gradient becomes exactly zero (gradient masking)."""
@@ -272,17 +273,21 @@ def pgd_attack(model, x, y, eps, alpha, steps, random_start=True, restarts=1, lo
                 x_adv = (x + eps * (2 * noise.to(x) - 1)).clamp(lo, hi)
             else:
                 x_adv = x.clone()
-            for _ in range(steps):
+            for step in range(steps + 1):
                 x_adv.requires_grad_(True)
-                loss = F.cross_entropy(model(x_adv).double(), y, reduction="sum")
+                logits = model(x_adv)
+                with torch.no_grad():  # keep the first iterate that fools the model (free: logits are here)
+                    newly = ~fooled & (logits.argmax(1) != y)
+                    best[newly] = x_adv[newly]
+                    fooled |= newly
+                if step == steps:  # not fooled yet: return the last iterate, the strongest try
+                    best[~fooled] = x_adv.detach()[~fooled]
+                    break
+                loss = F.cross_entropy(logits.double(), y, reduction="sum")
                 grad, = torch.autograd.grad(loss, x_adv)
                 with torch.no_grad():
                     x_adv = x_adv + alpha * grad.sign()
                     x_adv = (x + (x_adv - x).clamp(-eps, eps)).clamp(lo, hi)
-            with torch.no_grad():
-                not_yet = ~fooled  # an example keeps the first restart that fooled the model
-                best[not_yet] = x_adv[not_yet]
-                fooled |= model(x_adv).argmax(1) != y
     return best.detach()
 
 
@@ -310,15 +315,12 @@ def evaluate(model, x, y, loss_fn, batch_size=2048):
 
 
 def measure(model, cfg, probes, timer):
-    """Every measure of the papers at one step, as a dict. probes holds what stays fixed for the
+    """Every measure of the papers at one step but the losses, as a dict. probes holds what stays fixed for the
     run: train and test (x, y) tensors and loss_fn; lc_points, a dict of named point sets (train,
     test, random) and directions; rank_x; pgd_x, pgd_y, pgd_gen, and the input box lo, hi.
     LC (mean and 99% CI) is also taken at points on the decision boundary between test points.
     cfg names the settings: lc_radius, lc_batch, pgd_eps, pgd_alpha, pgd_steps, pgd_restarts."""
     rec = {}
-    with timer("eval"):
-        for split in ("train", "test"):
-            rec[f"{split}_acc"], rec[f"{split}_loss"] = evaluate(model, *probes[split], probes["loss_fn"])
     with timer("lc"):
         sets = dict(probes["lc_points"])
         sets["boundary"] = boundary_points(model, sets["test"])
@@ -340,11 +342,21 @@ def measure(model, cfg, probes, timer):
 
 
 def evaluate_and_log(model, cfg, step, probes, run, timer, checkpoint):
-    """One evaluation step of a script: measure(), the partition picture at init, at the first
+    """One evaluation step of a script: train and test accuracy and loss, measure(), the partition picture at init, at the first
     evaluation with train accuracy >= 99% ("fit") and at the end, one logged record, a progress
     line, a checkpoint (checkpoint() saves it). Stops the run with a clear message when the
     training loss is not finite; what was logged stays, and the plot is written."""
-    rec = {"step": step, **measure(model, cfg, probes, timer)}
+    rec = {"step": step}
+    with timer("eval"):
+        for split in ("train", "test"):
+            rec[f"{split}_acc"], rec[f"{split}_loss"] = evaluate(model, *probes[split], probes["loss_fn"])
+    if not math.isfinite(rec["train_loss"]):
+        log_metrics(run, rec)
+        write_csv(run)
+        plot_run(run)
+        raise SystemExit(f"error: training loss is {rec['train_loss']} at step {step}; lower --lr (or --init-scale); "
+                         f"the metrics so far are in {run}")
+    rec.update(measure(model, cfg, probes, timer))
     name = "init" if step == 0 else "end" if step == cfg.steps else None
     if name is None and rec["train_acc"] >= 0.99 and not (Path(run) / "partition_fit.png").exists():
         name = "fit"
@@ -358,11 +370,6 @@ def evaluate_and_log(model, cfg, step, probes, run, timer, checkpoint):
     shown = " ".join(f"{k} {v:.3g}" for k, v in rec.items()
                      if k in ("train_acc", "test_acc", "lc_train", "lc_boundary") or k.startswith("pgd_acc"))
     print(f"step {step:>7}/{cfg.steps} ({100 * step / max(cfg.steps, 1):5.1f}%) {rate:>9} | {shown}", flush=True)
-    if not math.isfinite(rec["train_loss"]):
-        write_csv(run)
-        plot_run(run)
-        raise SystemExit(f"error: training loss is {rec['train_loss']} at step {step}; lower --lr (or --init-scale); "
-                         f"the metrics so far are in {run}")
     with timer("checkpoint"):
         checkpoint()
 
@@ -496,6 +503,14 @@ def parse_config(cls, argv=None):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
 
 
+def apply_quick(cfg, **quick):
+    """--quick: these values replace the fields still at their defaults (a flag given on the command
+    line wins, so `--quick --steps 100` runs 100 steps of the quick setting)."""
+    import dataclasses
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    return dataclasses.replace(cfg, **{k: v for k, v in quick.items() if getattr(cfg, k) == defaults[k]})
+
+
 def git_commit():
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -565,17 +580,18 @@ def write_csv(run):
         w.writerows(records)
 
 
-def save_checkpoint(run, model, optimizer, step, sample_gen):
-    """Model, optimiser, step and every RNG state, written atomically (tmp file, then rename)."""
+def save_checkpoint(run, model, optimizer, step, generators):
+    """Model, optimiser, step and every RNG state (the global ones and the named generators:
+    batches, PGD starts), written atomically (tmp file, then rename)."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "rng_cpu": torch.get_rng_state(), "rng_sample": sample_gen.get_state(),
+             "rng_cpu": torch.get_rng_state(), "generators": {k: g.get_state() for k, g in generators.items()},
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     tmp = Path(run) / "checkpoint.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, Path(run) / "checkpoint.pt")
 
 
-def load_checkpoint(run, model, optimizer, sample_gen):
+def load_checkpoint(run, model, optimizer, generators):
     """Restores what save_checkpoint wrote (weights_only=True: no code runs) and returns the step."""
     path = Path(run) / "checkpoint.pt"
     if not path.exists():
@@ -584,7 +600,8 @@ def load_checkpoint(run, model, optimizer, sample_gen):
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])
-    sample_gen.set_state(state["rng_sample"])
+    for k, g in generators.items():
+        g.set_state(state["generators"][k])
     if state["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     return state["step"]
@@ -638,7 +655,7 @@ PANELS = [  # (title, which keys, y-axis label)
 def plot_run(run, path=None):
     """Every logged metric against training step on a log axis (step 0 drawn at 1/2 of the first
     logged step), one panel per group, into run/metrics.png. Works on any run folder, also while
-    the run goes on: `python -c "import common; common.plot_run('runs/x')"`."""
+    the run goes on: `python -c "import common; common.plot_run('runs/x')"`. Returns the panel titles."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -656,7 +673,7 @@ def plot_run(run, path=None):
     zero_at = min(positive) / 2 if positive else 1
     for ax, (title, ks, ylabel) in zip(axes.flat, panels):
         for k in ks:
-            pts = [(r["step"] or zero_at, r[k]) for r in records if isinstance(r.get(k), (int, float))]
+            pts = [(r["step"] or zero_at, r[k]) for r in records if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
             if not pts:
                 continue
             xs, ys = zip(*pts)
@@ -666,7 +683,7 @@ def plot_run(run, path=None):
                 cx, cy, ch = map(np.array, zip(*ci))
                 ax.fill_between(cx, cy - ch, cy + ch, alpha=0.2)
         ax.set_xscale("log")
-        if title == "loss":
+        if title == "loss" and any(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("optimisation step")
@@ -680,4 +697,4 @@ def plot_run(run, path=None):
     out = Path(path or Path(run) / "metrics.png")
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    return out
+    return [title for title, _, _ in panels]

@@ -111,7 +111,7 @@ def make_model(cfg):
 
 def main(cfg):
     if cfg.quick:
-        cfg = dataclasses.replace(cfg, train_size=min(cfg.train_size, 256), steps=60, evals=5, lc_points=16,
+        cfg = common.apply_quick(cfg, train_size=min(cfg.train_size, 256), steps=60, evals=5, lc_points=16,
                                   pgd_points=32, lc_directions=4, pgd_steps=2, batch_size=32, width=8,
                                   rank_points=64, partition_resolution=40)
     device = common.pick_device(cfg.device)
@@ -135,9 +135,11 @@ def main(cfg):
     train_model = torch.compile(model) if cfg.compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sample_gen = torch.Generator(device).manual_seed(cfg.seed + 2)  # draws the training batches
+    pgd_gen = torch.Generator(device).manual_seed(cfg.seed + 1)  # PGD random starts
+    generators = {"sample": sample_gen, "pgd": pgd_gen}  # saved in checkpoints, so a resumed run is exact
     start = 0
     if cfg.resume:
-        start = common.load_checkpoint(run, model, optimizer, sample_gen)
+        start = common.load_checkpoint(run, model, optimizer, generators)
         common.truncate_metrics(run, start)
 
     # what every evaluation measures, fixed for the whole run (random points: uniform in [0, 1]^3072)
@@ -146,7 +148,7 @@ def main(cfg):
                             "random": torch.rand(cfg.lc_points, 3, 32, 32, generator=data_gen).to(device)},
               "directions": common.random_directions(cfg.lc_directions, 3 * 32 * 32, data_gen),
               "rank_x": x_test[:cfg.rank_points], "pgd_x": x_test[:cfg.pgd_points], "pgd_y": y_test[:cfg.pgd_points],
-              "pgd_gen": torch.Generator(device).manual_seed(cfg.seed + 1), "lo": 0.0, "hi": 1.0,
+              "pgd_gen": pgd_gen, "lo": 0.0, "hi": 1.0,
               "anchors": x_train[torch.stack([(y_train == c).nonzero()[0, 0] for c in range(3)])]}
     eval_steps = common.log_steps(cfg.steps, cfg.evals)
     print(f"{run}: {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} train images, "
@@ -155,7 +157,7 @@ def main(cfg):
     for step in range(start, cfg.steps + 1):
         if step in eval_steps and not (cfg.resume and step == start):
             common.evaluate_and_log(model, cfg, step, probes, run, timer,
-                                    lambda: common.save_checkpoint(run, model, optimizer, step, sample_gen))
+                                    lambda: common.save_checkpoint(run, model, optimizer, step, generators))
         if step == cfg.steps:
             break
         with timer("train"):

@@ -92,7 +92,7 @@ def mse_one_hot(out, y):
 
 def main(cfg):
     if cfg.quick:
-        cfg = dataclasses.replace(cfg, train_size=min(cfg.train_size, 200), steps=200, evals=6, lc_points=64,
+        cfg = common.apply_quick(cfg, train_size=min(cfg.train_size, 200), steps=200, evals=6, lc_points=64,
                                   pgd_points=64, lc_directions=8, pgd_steps=5, batch_size=50,
                                   rank_points=256, partition_resolution=64)
     device = common.pick_device(cfg.device)
@@ -112,9 +112,11 @@ def main(cfg):
     model = make_model(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sample_gen = torch.Generator(device).manual_seed(cfg.seed + 2)  # draws the training batches
+    pgd_gen = torch.Generator(device).manual_seed(cfg.seed + 1)  # PGD random starts
+    generators = {"sample": sample_gen, "pgd": pgd_gen}  # saved in checkpoints, so a resumed run is exact
     start = 0
     if cfg.resume:
-        start = common.load_checkpoint(run, model, optimizer, sample_gen)
+        start = common.load_checkpoint(run, model, optimizer, generators)
         common.truncate_metrics(run, start)
 
     # what every evaluation measures, fixed for the whole run (random points: uniform in [0, 1]^784)
@@ -123,7 +125,7 @@ def main(cfg):
                             "random": torch.rand(cfg.lc_points, 1, 28, 28, generator=data_gen).to(device)},
               "directions": common.random_directions(cfg.lc_directions, 28 * 28, data_gen),
               "rank_x": x_test[:cfg.rank_points], "pgd_x": x_test[:cfg.pgd_points], "pgd_y": y_test[:cfg.pgd_points],
-              "pgd_gen": torch.Generator(device).manual_seed(cfg.seed + 1), "lo": 0.0, "hi": 1.0,
+              "pgd_gen": pgd_gen, "lo": 0.0, "hi": 1.0,
               "anchors": x_train[torch.stack([(y_train == c).nonzero()[0, 0] for c in range(3)])]}
     eval_steps = common.log_steps(cfg.steps, cfg.evals)
     print(f"{run}: {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} {cfg.dataset} "
@@ -132,7 +134,7 @@ def main(cfg):
     for step in range(start, cfg.steps + 1):
         if step in eval_steps and not (cfg.resume and step == start):
             common.evaluate_and_log(model, cfg, step, probes, run, timer,
-                                    lambda: common.save_checkpoint(run, model, optimizer, step, sample_gen))
+                                    lambda: common.save_checkpoint(run, model, optimizer, step, generators))
         if step == cfg.steps:
             break
         with timer("train"):

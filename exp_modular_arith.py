@@ -8,14 +8,15 @@ The model is piecewise linear, so local complexity (LC) applies: one-hot(a) ++ o
 inputs) -> ReLU MLP -> p logits; `--model transformer` swaps in a 1-layer transformer whose MLP is
 ReLU (Nanda et al. 2023), where LC counts that MLP's neurons.
 
-    python exp_modular_arith.py                   # p=97, 30% split, 5000 full-batch steps
+    python exp_modular_arith.py                   # p=97, 40% split, 10k full-batch steps
     python exp_modular_arith.py --quick           # seconds, the same code path
     python exp_modular_arith.py --model transformer --p 113 --steps 20000 --lr 1e-3
 
 Hardware and time: about 3 minutes on one CPU core (well under one on a GPU).
-The plot (runs/modular_arith/metrics.png) should show: train accuracy 100% within ~300 steps,
-test accuracy rising to ~100% around 1-2k steps, PGD accuracy rising after it, and train LC
-falling as the network generalises.
+The plot (runs/modular_arith/metrics.png) should show: train accuracy 100% within ~150 steps,
+test accuracy rising to ~100% around 1-2k steps, PGD accuracy at eps=0.01 rising after it, and
+(unlike the image settings of the paper) the train LC growing while the network generalises;
+RESULTS.md discusses this.
 """
 import dataclasses
 import itertools
@@ -30,11 +31,11 @@ import common
 @dataclasses.dataclass
 class Config:
     p: int = 97  # the modulus: the task is (a + b) mod p over all p*p pairs
-    train_frac: float = 0.3  # fraction of the p*p pairs used for training; the rest is the test set
+    train_frac: float = 0.4  # fraction of the p*p pairs used for training; the rest is the test set
     model: str = "mlp"  # mlp: one-hot -> ReLU MLP; transformer: 1 attention layer + ReLU MLP
-    width: int = 256  # hidden width of the MLP (d_model of the transformer)
+    width: int = 128  # hidden width of the MLP (d_model of the transformer)
     depth: int = 2  # hidden ReLU layers of the MLP (ignored by the transformer)
-    steps: int = 5000  # full-batch optimisation steps
+    steps: int = 10_000  # full-batch optimisation steps
     lr: float = 3e-3  # AdamW learning rate
     weight_decay: float = 1.0  # AdamW weight decay: large, as grokking needs
     evals: int = 40  # number of log-spaced evaluation steps
@@ -42,7 +43,7 @@ class Config:
     lc_directions: int = 25  # P: the cross-polytope has 2P vertices
     lc_points: int = 1024  # points for LC (train, test and random each)
     lc_batch: int = 128  # points per LC forward (times 2P vertices)
-    pgd_eps: tuple = (0.05, 0.1)  # L-inf radii on the relaxed one-hot input in [0, 1]
+    pgd_eps: tuple = (0.01, 0.03, 0.05)  # L-inf radii on the relaxed one-hot input in [0, 1]
     pgd_alpha: float = 0.0156  # PGD step size
     pgd_steps: int = 10  # PGD steps
     pgd_restarts: int = 1  # PGD random restarts (an example is robust if it survives all)
@@ -91,7 +92,7 @@ def make_model(cfg):
 
 def main(cfg):
     if cfg.quick:
-        cfg = dataclasses.replace(cfg, p=23, train_frac=0.5, steps=300, evals=8, lc_points=64, pgd_points=64,
+        cfg = common.apply_quick(cfg, p=23, train_frac=0.5, steps=300, evals=8, lc_points=64, pgd_points=64,
                                   lc_directions=8, pgd_steps=3,
                                   rank_points=256, partition_resolution=64)
     device = common.pick_device(cfg.device)
@@ -111,10 +112,11 @@ def main(cfg):
 
     model = make_model(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sample_gen = torch.Generator().manual_seed(cfg.seed + 2)  # full batch: unused, kept for resume symmetry
+    pgd_gen = torch.Generator(device).manual_seed(cfg.seed + 1)  # PGD random starts (full batch: no sampling)
+    generators = {"pgd": pgd_gen}  # saved in checkpoints, so a resumed run is exact
     start = 0
     if cfg.resume:
-        start = common.load_checkpoint(run, model, optimizer, sample_gen)
+        start = common.load_checkpoint(run, model, optimizer, generators)
         common.truncate_metrics(run, start)
 
     # what every evaluation measures, fixed for the whole run (random points: uniform in the input box)
@@ -123,7 +125,7 @@ def main(cfg):
                             "random": torch.rand(cfg.lc_points, 2 * cfg.p, generator=data_gen).to(device)},
               "directions": common.random_directions(cfg.lc_directions, 2 * cfg.p, data_gen),
               "rank_x": x_test[:cfg.rank_points], "pgd_x": x_test[:cfg.pgd_points], "pgd_y": y_test[:cfg.pgd_points],
-              "pgd_gen": torch.Generator(device).manual_seed(cfg.seed + 1), "lo": 0.0, "hi": 1.0,
+              "pgd_gen": pgd_gen, "lo": 0.0, "hi": 1.0,
               "anchors": x_train[torch.stack([(y_train == c).nonzero()[0, 0] for c in range(3)])]}
     eval_steps = common.log_steps(cfg.steps, cfg.evals)
     print(f"{run}: {sum(p.numel() for p in model.parameters())} parameters, {n_train} train pairs, device {device}")
@@ -131,7 +133,7 @@ def main(cfg):
     for step in range(start, cfg.steps + 1):
         if step in eval_steps and not (cfg.resume and step == start):
             common.evaluate_and_log(model, cfg, step, probes, run, timer,
-                                    lambda: common.save_checkpoint(run, model, optimizer, step, sample_gen))
+                                    lambda: common.save_checkpoint(run, model, optimizer, step, generators))
         if step == cfg.steps:
             break
         with timer("train"):

@@ -1,0 +1,119 @@
+"""Run folder, metrics, plot, onset summary, log-spaced steps; the partition picture."""
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+
+
+def test_log_steps_are_log_spaced_and_include_both_ends():
+    steps = common.log_steps(100_000, 40)
+    assert steps[0] == 0 and steps[-1] == 100_000 and steps == sorted(set(steps))
+    ratios = np.diff(np.log(steps[5:]))
+    assert ratios.max() < 2 * ratios.mean()  # evenly spaced on a log axis
+    assert set(common.log_steps(100, 200)) <= set(range(101))  # never more steps than exist
+
+
+def test_run_folder_metrics_csv_and_plot(tmp_path):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Cfg:
+        lr: float = 0.1
+
+    run = common.start_run(tmp_path / "run", Cfg(), torch.device("cpu"))
+    info = json.loads((run / "config.json").read_text())
+    assert info["config"] == {"lr": 0.1} and info["torch"] == torch.__version__ and "command" in info
+    for step in (0, 1, 10, 100):
+        common.log_metrics(run, {"step": step, "train_acc": 0.5, "test_acc": 0.4, "train_loss": 1.0, "test_loss": 2.0,
+                                 "lc_train": 3.0, "lc_train_ci": 0.1, "pgd_acc_0.1": 0.2, "rank_1": 5, "erank_1": 4.5,
+                                 "weight_norm": 9.0})
+    titles = common.plot_run(run)
+    assert titles == ["accuracy", "loss", "local complexity", "PGD accuracy", "feature rank per layer",
+                      "effective rank per layer", "weight norm"]
+    assert (run / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    common.write_csv(run)
+    lines = (run / "metrics.csv").read_text().splitlines()
+    assert len(lines) == 5 and lines[0].startswith("step,train_acc")
+    with pytest.raises(SystemExit, match="already holds a run"):
+        common.start_run(run, Cfg(), torch.device("cpu"))
+
+
+def test_half_written_last_line_is_skipped_with_a_warning(tmp_path):
+    common.log_metrics(tmp_path, {"step": 0, "train_acc": 0.1})
+    common.log_metrics(tmp_path, {"step": 5, "train_acc": 0.2})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "train_a')  # the run was killed mid-write
+    with pytest.warns(UserWarning, match="half-written"):
+        records = common.read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [0, 5]
+    with pytest.warns(UserWarning):
+        common.truncate_metrics(tmp_path, 3)
+    assert [r["step"] for r in common.read_metrics(tmp_path)] == [0]
+
+
+def test_onset_summary_finds_the_steps():
+    records = [{"step": s, "train_acc": tr, "test_acc": te, "pgd_acc_0.1": pg, "lc_train": lc}
+               for s, tr, te, pg, lc in [(0, 0.1, 0.1, 0.0, 5.0), (10, 0.995, 0.2, 0.0, 2.0), (100, 1.0, 0.5, 0.1, 6.0),
+                                         (1000, 1.0, 0.9, 0.3, 1.0), (5000, 1.0, 0.9, 0.6, 0.5)]]
+    s = common.onset_summary(records)
+    assert s["train_acc_99_step"] == 10
+    assert s["test_acc_99pct_of_final_step"] == 1000 and s["test_acc_delay_steps"] == 990
+    assert s["pgd_acc_0.1_99pct_of_final_step"] == 5000 and s["pgd_acc_0.1_delay_steps"] == 4990
+    assert (s["lc_train_init"], s["lc_train_min"], s["lc_train_max"], s["lc_train_end"]) == (5.0, 0.5, 6.0, 0.5)
+
+
+def arrangement_regions(w, b, lo, hi):
+    """Closed form for lines in general position: regions of the arrangement inside the square
+    [lo, hi]^2 = 1 + (lines crossing it) + (pairwise intersections inside it)  (Euler's formula)."""
+    corners = np.array(list(itertools.product([lo, hi], repeat=2)))
+    vals = corners @ w.T + b
+    crossing = [(vals[:, i].min() < 0 < vals[:, i].max()) for i in range(len(b))]
+    inside = 0
+    for i, j in itertools.combinations(range(len(b)), 2):
+        p = np.linalg.solve(w[[i, j]], -b[[i, j]])
+        inside += bool(((p > lo) & (p < hi)).all())
+    return 1 + sum(crossing) + inside
+
+
+def test_partition_region_count_matches_the_line_arrangement(tmp_path):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 3))
+    anchors = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # the plane's coordinates are the inputs
+    w, b = model[0].weight.detach().double().numpy(), model[0].bias.detach().double().numpy()
+    expected = arrangement_regions(w, b, -2.0, 3.0)
+    found = common.partition_picture(model, anchors, tmp_path / "p.png", resolution=1000, margin=2.0)
+    assert expected > 8 and found == expected
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_region_ids_do_not_depend_on_batch_size():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 3))
+    points = torch.randn(999, 5)
+    ids_a, cls_a = common.region_ids(model, points, (5,), batch_size=4096)
+    ids_b, cls_b = common.region_ids(model, points, (5,), batch_size=37)
+    assert torch.equal(ids_a, ids_b) and torch.equal(cls_a, cls_b)
+    # and two points share an id exactly when their sign patterns agree
+    pre1 = points @ model[0].weight.T + model[0].bias
+    pre2 = pre1.clamp(min=0) @ model[2].weight.T + model[2].bias
+    patterns = torch.cat([pre1 > 0, pre2 > 0], 1)
+    _, expected = torch.unique(patterns, dim=0, return_inverse=True)
+    assert torch.equal(ids_a[:, None] == ids_a[None], expected[:, None] == expected[None])
+
+
+def test_boundary_points_lie_between_two_classes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(200, 4)
+    bp = common.boundary_points(model, x, steps=30)
+    assert 150 < len(bp) <= 200
+    # a tiny step in some direction changes the prediction: check along the bisection segment
+    with torch.no_grad():
+        logits = model(bp)
+        top2 = logits.topk(2, dim=1).values
+    assert (top2[:, 0] - top2[:, 1]).max() < 1e-4  # the two best classes tie: the point is on the boundary

@@ -1,0 +1,96 @@
+"""pgd_attack and pgd_accuracy: constraints, a closed-form worst case, monotonicity, no side effects."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def trained_mlp(seed=0):
+    """A small MLP fitted to two Gaussian blobs in [0, 1]^10 (accurate and undefended)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([0.35 + 0.08 * torch.randn(200, 10, generator=g), 0.65 + 0.08 * torch.randn(200, 10, generator=g)]).clamp(0, 1)
+    y = torch.cat([torch.zeros(200), torch.ones(200)]).long()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 2))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, x, y
+
+
+def test_stays_in_the_ball_and_the_box():
+    model, x, y = trained_mlp()
+    x_adv = common.pgd_attack(model, x, y, eps=0.05, alpha=0.02, steps=10, generator=torch.Generator().manual_seed(0))
+    assert (x_adv - x).abs().max() <= 0.05 + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert not torch.equal(x_adv, x)
+
+
+def test_eps_zero_gives_clean_accuracy():
+    model, x, y = trained_mlp()
+    clean, _ = common.evaluate(model, x, y, F.cross_entropy)
+    assert common.pgd_accuracy(model, x, y, eps=0.0, alpha=0.01, steps=5) == clean > 0.95
+
+
+def test_reaches_the_closed_form_worst_case_of_a_linear_classifier():
+    # two classes, logits W x + b: the worst L-inf perturbation lowers the margin by eps * |w_y - w_o|_1
+    torch.manual_seed(1)
+    model = nn.Linear(8, 2)
+    x = torch.randn(500, 8)
+    y = model(x).argmax(1).detach()
+    y[::3] = 1 - y[::3]  # some points start misclassified
+    w, b = model.weight.detach(), model.bias.detach()
+    other = 1 - y
+    margin = ((w[y] - w[other]) * x).sum(1) + b[y] - b[other]
+    eps = 0.3
+    expected = (margin - eps * (w[y] - w[other]).abs().sum(1) > 0).sum().item() / len(x)
+    got = common.pgd_accuracy(model, x, y, eps, alpha=0.2, steps=5, lo=-1e9, hi=1e9,
+                              generator=torch.Generator().manual_seed(0))
+    assert 0.1 < expected < 0.6
+    assert got == expected
+
+
+def test_robust_accuracy_falls_with_eps_steps_and_restarts():
+    model, x, y = trained_mlp()
+
+    def acc(eps=0.1, steps=5, restarts=1):
+        return common.pgd_accuracy(model, x, y, eps, alpha=0.02, steps=steps, restarts=restarts,
+                                   generator=torch.Generator().manual_seed(0))
+
+    by_eps = [acc(eps=e) for e in (0.02, 0.05, 0.1, 0.2)]
+    assert all(a >= b for a, b in zip(by_eps, by_eps[1:])) and by_eps[0] > by_eps[-1]
+    by_steps = [acc(steps=s) for s in (1, 3, 10)]
+    assert all(a >= b for a, b in zip(by_steps, by_steps[1:]))
+    assert acc(restarts=3) <= acc(restarts=1)
+
+
+def test_large_eps_breaks_an_undefended_model():
+    model, x, y = trained_mlp()
+    assert common.pgd_accuracy(model, x, y, eps=0.5, alpha=0.1, steps=20) < 0.02
+
+
+def test_model_parameters_buffers_mode_and_grads_unchanged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    model.train()
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    x, y = torch.rand(64, 10), torch.randint(0, 2, (64,))
+    common.pgd_attack(model, x, y, eps=0.1, alpha=0.02, steps=5, restarts=2)
+    assert model.training and model[1].training
+    assert all(torch.equal(before[k], t) for k, t in model.state_dict().items())  # BN running stats too
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_confident_logits_do_not_mask_the_gradient():
+    # logits ~ 1e2 saturate float32 softmax (p = 1 exactly, gradient 0); the float64 loss still attacks
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[30.0, 0, 0, 0], [-30.0, 0, 0, 0]]))
+        model.bias.zero_()
+    x = torch.full((10, 4), 0.5) + torch.linspace(0, 0.4, 10)[:, None] * torch.tensor([1.0, 0, 0, 0])
+    y = torch.zeros(10, dtype=torch.long)
+    assert common.pgd_accuracy(model, x, y, eps=1.0, alpha=0.5, steps=3, random_start=False, lo=-10, hi=10) == 0.0
