@@ -335,7 +335,7 @@ def measure(model, cfg, probes, timer):
     rec["weight_norm"] = weight_norm(model)
     with timer("pgd"):
         for eps in cfg.pgd_eps:
-            rec[f"pgd_acc_{eps:g}"] = pgd_accuracy(model, probes["pgd_x"], probes["pgd_y"], eps, cfg.pgd_alpha,
+            rec[f"pgd_acc_{eps:.3g}"] = pgd_accuracy(model, probes["pgd_x"], probes["pgd_y"], eps, cfg.pgd_alpha,
                                                    cfg.pgd_steps, restarts=cfg.pgd_restarts, lo=probes["lo"],
                                                    hi=probes["hi"], generator=probes["pgd_gen"])
     return rec
@@ -375,12 +375,12 @@ def evaluate_and_log(model, cfg, step, probes, run, timer, checkpoint):
 
 
 # ----------------------------------------------------------------------------- partition picture
-def partition_picture(model, anchors, path, resolution=300, margin=0.5, batch_size=4096, title=""):
+def partition_picture(model, anchors, path, resolution=300, margin=0.5, batch_size=1024, title=""):
     """Draws the linear regions of model on the plane through three inputs (anchors: (3, ...)).
 
     The plane is x(a, b) = x0 + a (x1 - x0) + b (x2 - x0) for a, b in [-margin, 1 + margin]. Every
-    grid point gets its activation pattern (the signs at every ReLU input, hashed to two 64-bit
-    integers); neighbouring grid points with different patterns mark a region edge. The decision
+    grid point gets its activation pattern (the signs at every ReLU input, see region_ids);
+    neighbouring grid points with different patterns mark a region edge. The decision
     boundary (where the predicted class changes) is drawn in red, the anchors as dots.
     Returns the number of distinct regions seen on the grid (a lower bound of the true count)."""
     import matplotlib
@@ -422,28 +422,29 @@ def partition_picture(model, anchors, path, resolution=300, margin=0.5, batch_si
     return n_regions
 
 
-def region_ids(model, points, point_shape, batch_size=4096):
-    """Hash of the activation pattern (signs at every ReLU input) and the predicted class of each
-    point. Points with equal hashes lie in the same linear region (collision chance ~2^-64)."""
+def region_ids(model, points, point_shape, batch_size=1024):
+    """Region index of each point's activation pattern (the signs at every ReLU input) and its
+    predicted class. Each layer's sign vector is projected on 4 random integer vectors (entries
+    below 2^20): the float64 sums are integers below 2^53, so exact and independent of batching,
+    and two different patterns agree on all 4 with probability below 2^-80."""
     gen = torch.Generator().manual_seed(12345)
     weights = {}
-    hashes, classes = [], []
+    keys, classes = [], []
     with torch.no_grad(), eval_mode(model), exact_float32():
         for i in range(0, len(points), batch_size):
             xb = points[i:i + batch_size].reshape(-1, *point_shape)
-            h = torch.zeros(len(xb), 2, dtype=torch.int64, device=xb.device)
+            parts = []
 
-            def fold(layer, pre):
-                bits = (pre.reshape(len(xb), -1) > 0).long()
-                if layer not in weights:  # random odd 62-bit weights, two per neuron
-                    weights[layer] = (torch.randint(0, 2**62, (bits.shape[1], 2), generator=gen) | 1).to(xb.device)
-                h.mul_(1000003).add_(bits @ weights[layer])  # wraps mod 2^64, as a hash should
+            def project(layer, pre):
+                bits = (pre.reshape(len(xb), -1) > 0).double()
+                if layer not in weights:
+                    weights[layer] = torch.randint(0, 2**20, (bits.shape[1], 4), generator=gen).double().to(xb.device)
+                parts.append(bits @ weights[layer])
 
-            with relu_inputs(model, fold):
+            with relu_inputs(model, project):
                 classes.append(model(xb).argmax(1))
-            hashes.append(h)
-    h = torch.cat(hashes)
-    _, ids = torch.unique(h, dim=0, return_inverse=True)
+            keys.append(torch.cat(parts, 1))
+    _, ids = torch.unique(torch.cat(keys), dim=0, return_inverse=True)
     return ids, torch.cat(classes)
 
 

@@ -1,0 +1,92 @@
+"""Training steps per second: the scripts' loop (data on the device as tensors, batches drawn by
+indexing) against the plain torchvision + DataLoader loop of the same model and batch size, and
+torch.compile on and off, for the MNIST MLP and the CIFAR CNN.
+
+    python benchmarks/bench_loop.py                 # CPU (and GPU when there is one)
+    python benchmarks/bench_loop.py --compile       # also time torch.compile (slow to compile)
+
+The DataLoader loop reads torchvision's FakeData (PIL images through ToTensor, as a torchvision
+data set with transform=ToTensor() does), shuffled, with 0 and 2 workers.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402
+import exp_cifar_cnn  # noqa: E402
+import exp_mnist_mlp  # noqa: E402
+
+
+def tensor_loop(model, x, y, batch, steps, device, loss_fn):
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    gen = torch.Generator(device).manual_seed(0)
+    for i in range(steps + 5):
+        if i == 5:  # warm-up done
+            common.sync(device)
+            t = time.perf_counter()
+        idx = torch.randint(len(x), (batch,), device=device, generator=gen)
+        loss = loss_fn(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    common.sync(device)
+    return steps / (time.perf_counter() - t)
+
+
+def dataloader_loop(model, shape, batch, steps, device, loss_fn, workers):
+    data = torchvision.datasets.FakeData(size=50_000, image_size=shape, num_classes=10,
+                                         transform=torchvision.transforms.ToTensor())
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, num_workers=workers,
+                                         pin_memory=device.type == "cuda", drop_last=True)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    done = 0
+    for i, (xb, yb) in enumerate(loader):
+        if i == 5:
+            common.sync(device)
+            t = time.perf_counter()
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        loss = loss_fn(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        done = i - 5
+        if done == steps:
+            break
+    common.sync(device)
+    return done / (time.perf_counter() - t)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    settings = {"mnist_mlp": (exp_mnist_mlp.make_model, exp_mnist_mlp.Config(), (1, 28, 28), 200, exp_mnist_mlp.mse_one_hot),
+                "cifar_cnn": (exp_cifar_cnn.make_model, exp_cifar_cnn.Config(), (3, 32, 32), 128, F.cross_entropy)}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), {args.steps} timed steps")
+    print(f"{'model':<10} {'device':<7} {'tensor loop':>12} {'DataLoader w=0':>15} {'DataLoader w=2':>15} "
+          f"{'ratio':>6} {'compiled':>9}")
+    for name, (make, cfg, shape, batch, loss_fn) in settings.items():
+        for device in devices:
+            x = torch.rand(10_000, *shape, device=device)
+            y = torch.randint(0, 10, (10_000,), device=device)
+            fast = tensor_loop(make(cfg).to(device), x, y, batch, args.steps, device, loss_fn)
+            plain0 = dataloader_loop(make(cfg).to(device), shape, batch, args.steps, device, loss_fn, 0)
+            plain2 = dataloader_loop(make(cfg).to(device), shape, batch, args.steps, device, loss_fn, 2)
+            compiled = float("nan")
+            if args.compile:
+                compiled = tensor_loop(torch.compile(make(cfg).to(device)), x, y, batch, args.steps, device, loss_fn)
+            print(f"{name:<10} {device.type:<7} {fast:>12.1f} {plain0:>15.1f} {plain2:>15.1f} "
+                  f"{fast / max(plain0, plain2):>6.2f} {compiled:>9.1f}   (steps/s)")
+
+
+if __name__ == "__main__":
+    main()
