@@ -148,9 +148,9 @@ def local_complexity(model, x, radius, directions, batch_size=64):
             vertices = (xb.reshape(b, 1, -1) + offsets).reshape(b * n_vertices, *x.shape[1:])
             counts = []
 
-            def reduce(layer, pre):
-                positive = (pre.reshape(b, n_vertices, -1) > 0).sum(1)  # vertices on the + side
-                counts.append(((positive > 0) & (positive < n_vertices)).sum(1))
+            def reduce(layer, pre):  # cut: positive at some vertex and not positive at another
+                pre = pre.reshape(b, n_vertices, -1)
+                counts.append(((pre.amax(1) > 0) & (pre.amin(1) <= 0)).sum(1))  # amax/amin: 10x a bool sum
 
             with relu_inputs(model, reduce):
                 model(vertices)
@@ -460,6 +460,7 @@ class Timer:
 
     def __init__(self, device):
         self.device, self.seconds, self.start = device, {}, time.perf_counter()
+        self.last_beat = self.start
 
     @contextlib.contextmanager
     def __call__(self, name):
@@ -470,6 +471,18 @@ class Timer:
         finally:
             sync(self.device)
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def heartbeat(self, step, first_step, total, every=30.0):
+        """Between evaluations (log-spaced, so far apart late in a run): a progress line every
+        `every` seconds, with steps/s and the training time left. One clock read a step, no sync."""
+        now = time.perf_counter()
+        if now - self.last_beat < every:
+            return
+        self.last_beat = now
+        trained = self.seconds.get("train", 0.0)
+        rate = (step - first_step) / trained if trained else 0.0
+        left = f"about {(total - step) / rate / 60:.0f} min of training left" if rate else ""
+        print(f"step {step:>7}/{total} ({100 * step / max(total, 1):5.1f}%) {rate:7.0f} it/s, {left}", flush=True)
 
     def report(self, train_steps):
         wall = time.perf_counter() - self.start

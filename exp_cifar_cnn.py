@@ -166,6 +166,7 @@ def main(cfg):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        timer.heartbeat(step + 1, start, cfg.steps)
     return common.finish_run(run, timer, cfg.steps - start)
 
 

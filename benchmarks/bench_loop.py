@@ -66,16 +66,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts to time")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    runs = [(torch.device("cpu"), t) for t in args.threads] + ([(torch.device("cuda"), 1)] if torch.cuda.is_available() else [])
     settings = {"mnist_mlp": (exp_mnist_mlp.make_model, exp_mnist_mlp.Config(), (1, 28, 28), 200, exp_mnist_mlp.mse_one_hot),
                 "cifar_cnn": (exp_cifar_cnn.make_model, exp_cifar_cnn.Config(), (3, 32, 32), 128, F.cross_entropy)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), {args.steps} timed steps")
-    print(f"{'model':<10} {'device':<7} {'tensor loop':>12} {'DataLoader w=0':>15} {'DataLoader w=2':>15} "
+    print(f"torch {torch.__version__}, {args.steps} timed steps, steps/s (ratio: tensor loop / best DataLoader)")
+    print(f"{'model':<10} {'device':<7} {'threads':>7} {'tensor loop':>12} {'DataLoader w=0':>15} {'DataLoader w=2':>15} "
           f"{'ratio':>6} {'compiled':>9}")
     for name, (make, cfg, shape, batch, loss_fn) in settings.items():
-        for device in devices:
+        for device, threads in runs:
+            torch.set_num_threads(threads)
             x = torch.rand(10_000, *shape, device=device)
             y = torch.randint(0, 10, (10_000,), device=device)
             fast = tensor_loop(make(cfg).to(device), x, y, batch, args.steps, device, loss_fn)
@@ -84,8 +85,8 @@ def main():
             compiled = float("nan")
             if args.compile:
                 compiled = tensor_loop(torch.compile(make(cfg).to(device)), x, y, batch, args.steps, device, loss_fn)
-            print(f"{name:<10} {device.type:<7} {fast:>12.1f} {plain0:>15.1f} {plain2:>15.1f} "
-                  f"{fast / max(plain0, plain2):>6.2f} {compiled:>9.1f}   (steps/s)")
+            print(f"{name:<10} {device.type:<7} {threads:>7} {fast:>12.1f} {plain0:>15.1f} {plain2:>15.1f} "
+                  f"{fast / max(plain0, plain2):>6.2f} {compiled:>9.1f}")
 
 
 if __name__ == "__main__":
