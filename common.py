@@ -622,20 +622,24 @@ def load_checkpoint(run, model, optimizer, generators):
 
 
 def onset_summary(records):
-    """Grokking onsets from the logged records: the first step where train accuracy reaches 99%,
-    where test accuracy reaches 99% of its final value, where each PGD accuracy does, and delays."""
-    def first(key, threshold):
-        return next((r["step"] for r in records if r.get(key) is not None and r[key] >= threshold), None)
-
+    """Grokking onsets from the logged records: the first step where train accuracy reaches 99%
+    (interpolation), then, searching from that step on, the first step where test accuracy and
+    each PGD accuracy reach 99% of their final value, and the delays between them. (Searching
+    after interpolation skips the transient early in training when a weak model is briefly
+    "robust".) Without interpolation the search starts at step 0. Plus LC at init, min, max, end."""
     if not records:
         return {}
+    fit = next((r["step"] for r in records if r.get("train_acc", 0) >= 0.99), None)
+    after = [r for r in records if r["step"] >= (fit or 0)]
     last = records[-1]
-    out = {"train_acc_99_step": first("train_acc", 0.99)}
+    out = {"train_acc_99_step": fit}
     for key in [k for k in last if k == "test_acc" or k.startswith("pgd_acc")]:
         out[f"{key}_final"] = last[key]
-        out[f"{key}_99pct_of_final_step"] = first(key, 0.99 * last[key]) if last[key] > 0 else None
-        if out[f"{key}_99pct_of_final_step"] is not None and out["train_acc_99_step"] is not None:
-            out[f"{key}_delay_steps"] = out[f"{key}_99pct_of_final_step"] - out["train_acc_99_step"]
+        onset = next((r["step"] for r in after if r.get(key) is not None and r[key] >= 0.99 * last[key]), None)
+        onset = onset if last[key] > 0 else None  # nothing rose
+        out[f"{key}_99pct_of_final_step"] = onset
+        if onset is not None and fit is not None:
+            out[f"{key}_delay_steps"] = onset - fit
     lc = [r["lc_train"] for r in records if "lc_train" in r]
     if lc:
         out.update(lc_train_init=lc[0], lc_train_min=min(lc), lc_train_max=max(lc), lc_train_end=lc[-1])
@@ -669,7 +673,7 @@ PANELS = [  # (title, which keys, y-axis label)
 def plot_run(run, path=None):
     """Every logged metric against training step on a log axis (step 0 drawn at 1/2 of the first
     logged step), one panel per group, into run/metrics.png. Works on any run folder, also while
-    the run goes on: `python -c "import common; common.plot_run('runs/x')"`. Returns the panel titles."""
+    the run goes on: `python common.py runs/x`. Returns the panel titles."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -712,3 +716,18 @@ def plot_run(run, path=None):
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return [title for title, _, _ in panels]
+
+
+if __name__ == "__main__":
+    # python common.py RUN [RUN ...]: redraw metrics.png and metrics.csv of run folders (also while
+    # a run goes on) and refresh the onsets in summary.json (its time breakdown is kept).
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python common.py RUN_FOLDER [RUN_FOLDER ...]")
+    for folder in sys.argv[1:]:
+        plot_run(folder)
+        write_csv(folder)
+        path = Path(folder) / "summary.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        new = {**onset_summary(read_metrics(folder)), **({"time": old["time"]} if "time" in old else {})}
+        path.write_text(json.dumps(new, indent=2))
+        print(f"{folder}: metrics.png, metrics.csv and summary.json written")

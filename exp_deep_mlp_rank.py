@@ -14,11 +14,11 @@ log-spaced steps and every --rank-every steps.
     python exp_deep_mlp_rank.py --quick                           # seconds, the same code path
     # CPU-scale setting (documented in RESULTS.md), Fashion-MNIST from Debian's package:
     python exp_deep_mlp_rank.py --dataset fashion-mnist --depth 8 --width 200 --train-size 1000 \
-        --weight-decay 0.1 --steps 15000
+        --weight-decay 0.1 --steps 30000 --rank-every 1000
 
 Data: --data-dir holds torchvision's layout (MNIST/raw/train-images-idx3-ubyte, ...); it is
-downloaded there unless --no-download. Hardware and time: depth 12, 1e5 steps, about 15 minutes
-on one GPU; hours on a CPU. The plot should show test accuracy rising in one or two stages long
+downloaded there unless --no-download. Hardware and time: depth 12, 1e5 steps, an estimated 15
+minutes on one GPU (not timed yet); about 1.5 hours of training on one CPU core. The plot should show test accuracy rising in one or two stages long
 after train accuracy hits 100%, and the rank of the deep layers falling (then rising and falling
 again in the two-stage case) as it does.
 """

@@ -58,11 +58,12 @@ def test_half_written_last_line_is_skipped_with_a_warning(tmp_path):
 
 def test_onset_summary_finds_the_steps():
     records = [{"step": s, "train_acc": tr, "test_acc": te, "pgd_acc_0.1": pg, "lc_train": lc}
-               for s, tr, te, pg, lc in [(0, 0.1, 0.1, 0.0, 5.0), (10, 0.995, 0.2, 0.0, 2.0), (100, 1.0, 0.5, 0.1, 6.0),
+               for s, tr, te, pg, lc in [(0, 0.1, 0.1, 0.7, 5.0), (10, 0.995, 0.2, 0.0, 2.0), (100, 1.0, 0.5, 0.1, 6.0),
                                          (1000, 1.0, 0.9, 0.3, 1.0), (5000, 1.0, 0.9, 0.6, 0.5)]]
     s = common.onset_summary(records)
     assert s["train_acc_99_step"] == 10
     assert s["test_acc_99pct_of_final_step"] == 1000 and s["test_acc_delay_steps"] == 990
+    # PGD accuracy 0.7 at step 0 (a weak model's transient) is not the onset: the rise after fitting is
     assert s["pgd_acc_0.1_99pct_of_final_step"] == 5000 and s["pgd_acc_0.1_delay_steps"] == 4990
     assert (s["lc_train_init"], s["lc_train_min"], s["lc_train_max"], s["lc_train_end"]) == (5.0, 0.5, 6.0, 0.5)
 
