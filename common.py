@@ -314,13 +314,20 @@ def evaluate(model, x, y, loss_fn, batch_size=2048):
     return correct / len(x), loss / len(x)
 
 
-def measure(model, cfg, probes, timer):
+def measure(model, cfg, probes, timer, full=True):
     """Every measure of the papers at one step but the losses, as a dict. probes holds what stays fixed for the
     run: train and test (x, y) tensors and loss_fn; lc_points, a dict of named point sets (train,
     test, random) and directions; rank_x; pgd_x, pgd_y, pgd_gen, and the input box lo, hi.
     LC (mean and 99% CI) is also taken at points on the decision boundary between test points.
-    cfg names the settings: lc_radius, lc_batch, pgd_eps, pgd_alpha, pgd_steps, pgd_restarts."""
+    cfg names the settings: lc_radius, lc_batch, pgd_eps, pgd_alpha, pgd_steps, pgd_restarts.
+    full=False measures only rank and weight norm (frequent, cheap evaluations)."""
     rec = {}
+    with timer("rank"):  # first: cheap, and in every evaluation (full=False: only rank and norm)
+        for i, (rank, erank) in enumerate(layer_ranks(model, probes["rank_x"])):
+            rec[f"rank_{i + 1}"], rec[f"erank_{i + 1}"] = rank, round(erank, 2)
+    rec["weight_norm"] = weight_norm(model)
+    if not full:
+        return rec
     with timer("lc"):
         sets = dict(probes["lc_points"])
         sets["boundary"] = boundary_points(model, sets["test"])
@@ -329,10 +336,6 @@ def measure(model, cfg, probes, timer):
                 continue
             counts = local_complexity(model, pts, cfg.lc_radius, probes["directions"], cfg.lc_batch)
             rec[f"lc_{name}"], rec[f"lc_{name}_ci"] = lc_summary(counts)
-    with timer("rank"):
-        for i, (rank, erank) in enumerate(layer_ranks(model, probes["rank_x"])):
-            rec[f"rank_{i + 1}"], rec[f"erank_{i + 1}"] = rank, round(erank, 2)
-    rec["weight_norm"] = weight_norm(model)
     with timer("pgd"):
         for eps in cfg.pgd_eps:
             rec[f"pgd_acc_{eps:.3g}"] = pgd_accuracy(model, probes["pgd_x"], probes["pgd_y"], eps, cfg.pgd_alpha,
@@ -341,11 +344,12 @@ def measure(model, cfg, probes, timer):
     return rec
 
 
-def evaluate_and_log(model, cfg, step, probes, run, timer, checkpoint):
+def evaluate_and_log(model, cfg, step, probes, run, timer, checkpoint, full=True):
     """One evaluation step of a script: train and test accuracy and loss, measure(), the partition picture at init, at the first
     evaluation with train accuracy >= 99% ("fit") and at the end, one logged record, a progress
     line, a checkpoint (checkpoint() saves it). Stops the run with a clear message when the
-    training loss is not finite; what was logged stays, and the plot is written."""
+    training loss is not finite; what was logged stays, and the plot is written. full=False: see
+    measure (no LC, PGD or partition picture)."""
     rec = {"step": step}
     with timer("eval"):
         for split in ("train", "test"):
@@ -356,9 +360,9 @@ def evaluate_and_log(model, cfg, step, probes, run, timer, checkpoint):
         plot_run(run)
         raise SystemExit(f"error: training loss is {rec['train_loss']} at step {step}; lower --lr (or --init-scale); "
                          f"the metrics so far are in {run}")
-    rec.update(measure(model, cfg, probes, timer))
+    rec.update(measure(model, cfg, probes, timer, full))
     name = "init" if step == 0 else "end" if step == cfg.steps else None
-    if name is None and rec["train_acc"] >= 0.99 and not (Path(run) / "partition_fit.png").exists():
+    if name is None and full and rec["train_acc"] >= 0.99 and not (Path(run) / "partition_fit.png").exists():
         name = "fit"
     if name:
         with timer("partition"):

@@ -7,7 +7,7 @@ later and more; at N=7000 the 8- and 12-layer networks show a second surge of te
 aligned with a double descent of the feature rank of the deep layers, which form a low-rank
 "tunnel". The weight norm, by contrast, falls smoothly. Rank = numerical rank (float64, default
 tolerance) of the covariance of each layer's pre-activations on 10k test images, logged at
-log-spaced steps and every --rank-every steps.
+log-spaced steps (with LC and PGD) and every --rank-every steps (accuracy, rank, weight norm).
 
     python exp_deep_mlp_rank.py                                   # depth 12, N=7000, 1e5 steps
     python exp_deep_mlp_rank.py --depth 8 --train-size 5000
@@ -45,8 +45,8 @@ class Config:
     batch_size: int = 200  # training batch
     lr: float = 1e-3  # AdamW learning rate
     weight_decay: float = 0.01  # AdamW weight decay
-    evals: int = 40  # number of log-spaced evaluation steps
-    rank_every: int = 3000  # also evaluate every this many steps (the rank curve of the paper)
+    evals: int = 30  # number of log-spaced evaluation steps (every measure)
+    rank_every: int = 3000  # also every this many steps: accuracy, rank and weight norm (the paper's rank curve)
     lc_radius: float = 0.05  # radius r of the cross-polytope (0.05 matches the paper's Fig. 2 at init)
     lc_directions: int = 25  # P: the cross-polytope has 2P vertices
     lc_points: int = 1024  # points for LC (train, test and random each)
@@ -132,14 +132,16 @@ def main(cfg):
               "rank_x": x_test[:cfg.rank_points], "pgd_x": x_test[:cfg.pgd_points], "pgd_y": y_test[:cfg.pgd_points],
               "pgd_gen": pgd_gen, "lo": 0.0, "hi": 1.0,
               "anchors": x_train[torch.stack([(y_train == c).nonzero()[0, 0] for c in range(3)])]}
-    eval_steps = sorted(set(common.log_steps(cfg.steps, cfg.evals)) | set(range(0, cfg.steps, cfg.rank_every)))
+    full_steps = set(common.log_steps(cfg.steps, cfg.evals))  # everything, LC and PGD included
+    eval_steps = full_steps | set(range(0, cfg.steps, cfg.rank_every))  # the rest: accuracy, rank, norm
     print(f"{run}: {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} {cfg.dataset} "
           f"train images, device {device}")
 
     for step in range(start, cfg.steps + 1):
         if step in eval_steps and not (cfg.resume and step == start):
             common.evaluate_and_log(model, cfg, step, probes, run, timer,
-                                    lambda: common.save_checkpoint(run, model, optimizer, step, generators))
+                                    lambda: common.save_checkpoint(run, model, optimizer, step, generators),
+                                    full=step in full_steps)
         if step == cfg.steps:
             break
         with timer("train"):
