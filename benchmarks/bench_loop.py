@@ -5,17 +5,19 @@ torch.compile on and off, for the MNIST MLP and the CIFAR CNN.
     python benchmarks/bench_loop.py                 # CPU (and GPU when there is one)
     python benchmarks/bench_loop.py --compile       # also time torch.compile (slow to compile)
 
-The DataLoader loop reads torchvision's FakeData (PIL images through ToTensor, as a torchvision
-data set with transform=ToTensor() does), shuffled, with 0 and 2 workers.
+The DataLoader loop reads a data set whose __getitem__ is torchvision's MNIST / CIFAR10 one
+(a uint8 array in memory -> PIL image -> transform=ToTensor()), shuffled, with 0 and 2 workers.
 """
 import argparse
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
@@ -39,9 +41,24 @@ def tensor_loop(model, x, y, batch, steps, device, loss_fn):
     return steps / (time.perf_counter() - t)
 
 
+class TorchvisionStyleImages(torch.utils.data.Dataset):
+    """Per item what torchvision.datasets.MNIST/CIFAR10 do: uint8 array -> PIL image -> ToTensor."""
+
+    def __init__(self, n, shape):
+        c, h, w = shape
+        self.data = np.random.default_rng(0).integers(0, 256, (n, h, w) if c == 1 else (n, h, w, c), dtype=np.uint8)
+        self.targets = np.random.default_rng(1).integers(0, 10, n)
+        self.transform = torchvision.transforms.ToTensor()
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.data[i])), int(self.targets[i])
+
+
 def dataloader_loop(model, shape, batch, steps, device, loss_fn, workers):
-    data = torchvision.datasets.FakeData(size=50_000, image_size=shape, num_classes=10,
-                                         transform=torchvision.transforms.ToTensor())
+    data = TorchvisionStyleImages(50_000, shape)
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, num_workers=workers,
                                          pin_memory=device.type == "cuda", drop_last=True)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
