@@ -259,8 +259,10 @@ def pgd_attack(model, x, y, eps, alpha, steps, random_start=True, restarts=1, lo
     any restart) that fools the model, else the last iterate. So robust accuracy can only fall with more steps or
     restarts. The model runs in eval mode and is left unchanged (no parameter, buffer or .grad).
 
-    The loss is computed in float64 from the logits: in float32, softmax saturates on very
-    confident logits and the gradient becomes exactly zero (gradient masking)."""
+    The attack ascends log(1 - p_y), computed in float64 as logsumexp over the wrong classes minus
+    logsumexp over all: per example its input gradient is a positive multiple (p_y / (1 - p_y)) of
+    the cross-entropy's, so the sign steps are the same, but it does not vanish on very confident
+    logits, where the cross-entropy's gradient underflows to exactly zero (gradient masking)."""
     if eps == 0:
         return x.clone()
     best = x.clone()
@@ -282,7 +284,9 @@ def pgd_attack(model, x, y, eps, alpha, steps, random_start=True, restarts=1, lo
                 if step == steps:  # not fooled yet: return the last iterate, the strongest try
                     best[~fooled] = x_adv.detach()[~fooled]
                     break
-                loss = F.cross_entropy(logits.double(), y, reduction="sum")
+                z = logits.double()
+                log_wrong = z.masked_fill(F.one_hot(y, z.shape[1]).bool(), -math.inf).logsumexp(1) - z.logsumexp(1)
+                loss = log_wrong.sum()  # log(1 - p_y): see the docstring
                 grad, = torch.autograd.grad(loss, x_adv)
                 with torch.no_grad():
                     x_adv = x_adv + alpha * grad.sign()

@@ -85,12 +85,27 @@ def test_model_parameters_buffers_mode_and_grads_unchanged():
 
 
 def test_confident_logits_do_not_mask_the_gradient():
-    # logits ~ 1e2 saturate float32 softmax (p = 1 exactly, gradient 0); the float64 loss still attacks
-    torch.manual_seed(0)
+    # margins of 300-500: float32 cross-entropy's gradient is exactly 0 there (p_wrong underflows),
+    # so a plain CE attack cannot move; the attack must still find the closed-form flip
     model = nn.Linear(4, 2)
     with torch.no_grad():
-        model.weight.copy_(torch.tensor([[30.0, 0, 0, 0], [-30.0, 0, 0, 0]]))
+        model.weight.copy_(torch.tensor([[300.0, 0, 0, 0], [-300.0, 0, 0, 0]]))
         model.bias.zero_()
     x = torch.full((10, 4), 0.5) + torch.linspace(0, 0.4, 10)[:, None] * torch.tensor([1.0, 0, 0, 0])
     y = torch.zeros(10, dtype=torch.long)
+    x.requires_grad_(True)
+    F.cross_entropy(model(x), y).backward()
+    assert (x.grad == 0).all()  # the masking is real in float32
+    x = x.detach()
     assert common.pgd_accuracy(model, x, y, eps=1.0, alpha=0.5, steps=3, random_start=False, lo=-10, hi=10) == 0.0
+
+
+def test_sign_steps_equal_those_of_the_cross_entropy_on_moderate_logits():
+    model, x, y = trained_mlp()
+    x = x.clone().requires_grad_(True)
+    F.cross_entropy(model(x).double(), y, reduction="sum").backward()
+    step = common.pgd_attack(model, x.detach(), y, eps=1.0, alpha=1e-3, steps=1, random_start=False)
+    moved = (step - x.detach()).sign()
+    fooled_at_start = model(x.detach()).argmax(1) != y
+    keep = ~fooled_at_start
+    assert torch.equal(moved[keep], x.grad.sign()[keep])
