@@ -176,7 +176,7 @@ def main(cfg):
               "directions": common.random_directions(cfg.lc_directions, 3 * cfg.resolution ** 2, data_gen),
               "rank_x": x_test[:cfg.rank_points], "pgd_x": x_test[:cfg.pgd_points], "pgd_y": y_test[:cfg.pgd_points],
               "pgd_gen": pgd_gen, "lo": 0.0, "hi": 1.0,
-              "anchors": lc_train[:3]}
+              "anchors": x_train[torch.stack([(y_train == c).nonzero()[0, 0] for c in range(3)])].float().div(255)}
     eval_steps = common.log_steps(cfg.steps, cfg.evals)
     print(f"{run}: {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} train images of "
           f"{n_classes} classes at {cfg.resolution} px, device {device}")
