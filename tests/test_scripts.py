@@ -78,11 +78,12 @@ def test_imagenette_resnet_quick(tmp_path, image_folder):
 
 
 def test_resume_continues_exactly(tmp_path, mnist_dir):
-    common = ["--quick", "--no-download", "--data-dir", mnist_dir]
-    run_script("exp_mnist_mlp.py", *common, "--steps", 150, "--out", tmp_path / "straight")
-    run_script("exp_mnist_mlp.py", *common, "--steps", 60, "--out", tmp_path / "resumed")
-    assert run_script("exp_mnist_mlp.py", *common, "--steps", 60, "--out", tmp_path / "resumed", ok=False).returncode != 0
-    run_script("exp_mnist_mlp.py", *common, "--steps", 150, "--out", tmp_path / "resumed", "--resume")
+    flags = ["--quick", "--no-download", "--data-dir", mnist_dir]
+    run_script("exp_mnist_mlp.py", *flags, "--steps", 150, "--out", tmp_path / "straight")
+    run_script("exp_mnist_mlp.py", *flags, "--steps", 60, "--out", tmp_path / "resumed")
+    refused = run_script("exp_mnist_mlp.py", *flags, "--steps", 60, "--out", tmp_path / "resumed", ok=False)
+    assert refused.returncode != 0 and "already holds a run" in refused.stderr  # no silent overwrite
+    run_script("exp_mnist_mlp.py", *flags, "--steps", 150, "--out", tmp_path / "resumed", "--resume")
     a, b = records(tmp_path / "straight")[-1], records(tmp_path / "resumed")[-1]
     assert a["step"] == b["step"] == 150
     for key in a:  # same batches, same PGD starts, same weights: the same numbers
