@@ -17,8 +17,9 @@ LC with P=20 directions and r=0.005 in pixel units, PGD eps 1/255, 4/255 and 8/2
 Data: --data-dir is torchvision's root (<data-dir>/cifar-10-batches-py/, downloaded there unless
 --no-download) or an .npz file with x_train, y_train, x_test, y_test (uint8, N x 32 x 32 x 3).
 Hardware and time: the full 2.6e5 steps need a GPU (an estimated 40 minutes; not timed yet); a
-CPU runs 10-20 steps/s (RESULTS.md: 5000 images, 20k steps, 33 minutes on one core). The plot should show train accuracy at 100% by a few thousand steps, and PGD accuracy
-rising long after it while the train LC falls.
+CPU runs 10-20 steps/s (RESULTS.md: 5000 images, 20k steps, 33 minutes on one core).
+The plot should show train accuracy at 100% by a few thousand steps, and PGD accuracy rising
+long after it while the train LC falls.
 """
 import dataclasses
 from pathlib import Path
