@@ -653,14 +653,19 @@ def onset_summary(records):
     return out
 
 
+def write_summary(run, time_report=None):
+    """summary.json: the onsets of the logged records, plus a time breakdown when given."""
+    summary = {**onset_summary(read_metrics(run)), **({"time": time_report} if time_report else {})}
+    (Path(run) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def finish_run(run, timer, train_steps):
     """Writes metrics.csv, metrics.png and summary.json (onsets and time breakdown); prints it."""
     with timer("plot"):
         write_csv(run)
         plot_run(run)
-    records = read_metrics(run)
-    summary = {**onset_summary(records), "time": timer.report(train_steps)}
-    (Path(run) / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = write_summary(run, timer.report(train_steps))
     print(json.dumps(summary, indent=2))
     return summary
 
@@ -734,7 +739,5 @@ if __name__ == "__main__":
         plot_run(folder)
         write_csv(folder)
         path = Path(folder) / "summary.json"
-        old = json.loads(path.read_text()) if path.exists() else {}
-        new = {**onset_summary(read_metrics(folder)), **({"time": old["time"]} if "time" in old else {})}
-        path.write_text(json.dumps(new, indent=2))
+        write_summary(folder, json.loads(path.read_text()).get("time") if path.exists() else None)
         print(f"{folder}: metrics.png, metrics.csv and summary.json written")
