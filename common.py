@@ -35,7 +35,7 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- device, seed
 def pick_device(name="auto"):
     """'auto' picks cuda, then mps, then cpu. On CPU torch uses every core: on a 2-core machine two
-    threads trained the MLP and the CNN 1.2-2.2x faster than one (README, performance); when two
+    threads trained the MLP 1.2-2.2x and the CNN 1.2-2.4x faster than one (README, performance); when two
     runs share the machine, give each OMP_NUM_THREADS=1."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"

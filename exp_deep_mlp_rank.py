@@ -18,9 +18,9 @@ log-spaced steps (with LC and PGD) and every --rank-every steps (accuracy, rank,
 
 Data: --data-dir holds torchvision's layout (MNIST/raw/train-images-idx3-ubyte, ...); it is
 downloaded there unless --no-download. Hardware and time: depth 12, 1e5 steps, an estimated 15
-minutes on one GPU (not timed yet); about 1.5 hours of training on one CPU core. The plot should show test accuracy rising in one or two stages long
-after train accuracy hits 100%, and the rank of the deep layers falling (then rising and falling
-again in the two-stage case) as it does.
+minutes on one GPU (not timed yet); about 1.5 hours of training on one CPU core. The plot should
+show test accuracy rising in one or two stages long after train accuracy hits 100%, and the rank
+of the deep layers falling (then rising and falling again in the two-stage case) as it does.
 """
 import dataclasses
 

@@ -14,9 +14,10 @@ scaled x8 after the default init (Omnigrok, Liu et al. 2023) test accuracy is de
     python exp_mnist_mlp.py --dataset fashion-mnist --init-scale 8 --weight-decay 0.1 --steps 20000
 
 Data: --data-dir holds torchvision's layout (MNIST/raw/train-images-idx3-ubyte, ...); it is
-downloaded there unless --no-download. Hardware and time: 1e5 steps took 14 minutes on one CPU core
-(RESULTS.md); a GPU is not needed (not timed on one yet). The plot should show train accuracy at 100% early, test accuracy
-flat (init 1) or delayed (init 8), PGD accuracy rising late, and train LC falling before it.
+downloaded there unless --no-download. Hardware and time: 1e5 steps took 14 minutes on one CPU
+core (RESULTS.md); a GPU is not needed (not timed on one yet). The plot should show train accuracy
+at 100% early, test accuracy flat (init 1) or delayed (init 8), PGD accuracy rising late, and
+train LC falling before it.
 """
 import dataclasses
 
