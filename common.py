@@ -16,6 +16,7 @@ nn.ReLU module that runs in the forward pass, in the order they run (a conv laye
 channel x position). Use nn.ReLU modules, not F.relu, in models you want to measure.
 """
 import contextlib
+import copy
 import csv
 import json
 import math
@@ -221,28 +222,35 @@ def _as_features(pre):
 def layer_ranks(model, x, batch_size=1024):
     """(feature_rank, effective_rank) of the input of every ReLU layer on the points x.
 
-    The float64 covariance of each layer is accumulated batch by batch (memory d x d, not N x d),
-    with the data shifted by its first row so that constant features give exact zeros. The
-    effective rank uses the singular values of the centred features, sqrt((N-1) * eig(cov))."""
+    The features are those of the network itself, as Deep Grokking computes them: a float64 copy
+    of the model (same weights) runs the forward pass, whatever dtype the model trains in. Float32
+    rounding would raise the rank of every layer behind a low-rank bottleneck. The float64
+    covariance of each layer is accumulated batch by batch (memory d x d, not N x d), with the data
+    shifted by its first row so that constant features give exact zeros. The rank uses
+    matrix_rank's default tolerance (sigma_max * d * eps64); the effective rank the singular values
+    of the centred features, sqrt((N-1) * eig(cov))."""
     stats = {}
 
     def accumulate(layer, pre):
-        h = _as_features(pre).double()
+        h = _as_features(pre)
         if layer not in stats:
             stats[layer] = [h[0].clone(), 0, torch.zeros_like(h[0]), torch.zeros(h.shape[1], h.shape[1], dtype=h.dtype, device=h.device)]
         shift, n, total, outer = stats[layer]
         c = h - shift
         stats[layer] = [shift, n + len(c), total + c.sum(0), outer + c.T @ c]
 
-    with torch.no_grad(), eval_mode(model), relu_inputs(model, accumulate):
+    device = next(model.parameters()).device
+    device = torch.device("cpu") if device.type == "mps" else device  # MPS has no float64
+    model64 = copy.deepcopy(model).to(device=device, dtype=torch.float64)
+    with torch.no_grad(), eval_mode(model64), relu_inputs(model64, accumulate):
         for i in range(0, len(x), batch_size):
-            model(x[i:i + batch_size])
+            model64(x[i:i + batch_size].to(device=device, dtype=torch.float64))
     out = []
     for layer in sorted(stats):
         _, n, total, outer = stats[layer]
         cov = (outer - torch.outer(total, total) / n) / (n - 1)
         eig = torch.linalg.eigvalsh(cov).clamp(min=0)
-        out.append((int(torch.linalg.matrix_rank(cov, hermitian=False).item()), _entropy_rank(eig.sqrt())))
+        out.append((int(torch.linalg.matrix_rank(cov).item()), _entropy_rank(eig.sqrt())))
     return out
 
 

@@ -78,3 +78,48 @@ def test_weight_norm_closed_form():
             p.fill_(value)
     # 6 weights of 1, 2 biases of 2, 2 weights of -3, 1 bias of 0.5
     assert math.isclose(common.weight_norm(model), math.sqrt(6 + 8 + 18 + 0.25))
+
+
+def bottleneck_mlp():
+    """20-64-64-64-64-10 ReLU MLP, float32. Layer 1's weight has singular values 1 (x19) and 1e-5:
+    its features have rank 20 in exact arithmetic, 19 under any tolerance looser than float64's
+    default (the tiny direction's covariance eigenvalue is 1e-10 relative). Layer 2's weight is an
+    exact rank-5 product of small integers (exact in float32), so its features have rank exactly 5."""
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    u, _ = torch.linalg.qr(torch.randn(64, 20, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))
+    s = torch.ones(20, dtype=torch.float64)
+    s[-1] = 1e-5
+    a = torch.randint(-2, 3, (64, 5), generator=g).float()
+    b = torch.randint(-2, 3, (5, 64), generator=g).float() / 8
+    with torch.no_grad():
+        model[0].weight.copy_(u @ torch.diag(s) @ v.T)
+        model[2].weight.copy_(a @ b)
+    return model
+
+
+def test_layer_ranks_are_the_float64_network_features_ranks():
+    # Oracle: a float64 numpy forward of the same (float32) weights, ranked by numpy's default
+    # tolerance. Float32 features, float32 covariance or a looser tolerance all disagree.
+    model = bottleneck_mlp()
+    x = torch.rand(2000, 20, generator=torch.Generator().manual_seed(4))
+    h, expected = x.double().numpy(), []
+    for i in range(0, 8, 2):
+        w, b = model[i].weight.detach().double().numpy(), model[i].bias.detach().double().numpy()
+        h = h @ w.T + b
+        expected.append(np.linalg.matrix_rank(np.cov(h.T)))
+        h = np.maximum(h, 0)
+    got = [r for r, _ in common.layer_ranks(model, x, batch_size=500)]
+    assert got == expected
+    assert got[0] == 20 and got[1] == 5  # the planted spectrum and bottleneck
+
+    float32_ranks = []  # the same ranks from the float32 forward: the bottleneck's rounding shows
+    with torch.no_grad():
+        h = x
+        for i in range(0, 8, 2):
+            h = model[i](h)
+            float32_ranks.append(common.feature_rank(h))
+            h = h.relu()
+    assert float32_ranks != got
