@@ -27,24 +27,47 @@ import time
 import warnings
 from pathlib import Path
 
+import einops
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ----------------------------------------------------------------------------- device, seed
+# ----------------------------------------------------------------------------- device, seed, errors
+def die(message):
+    """A usage error: one line on stderr, exit code 2, no traceback. The user has something to fix."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def pick_device(name="auto"):
-    """'auto' picks cuda, then mps, then cpu. On CPU torch uses every core: on a 2-core machine two
-    threads trained the MLP 1.2-2.2x and the CNN 1.2-2.4x faster than one (README, performance); when two
-    runs share the machine, give each OMP_NUM_THREADS=1."""
+    """'auto' picks cuda, then mps, then cpu. On CUDA, training matmuls and convs may use TF32 (the
+    measurements turn it off: see exact_float32). On CPU torch uses every core: on a 2-core
+    machine two threads trained the MLP 1.2-2.2x and the CNN 1.2-2.4x faster than one (README,
+    performance); when two runs share the machine, give each OMP_NUM_THREADS=1."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        name = "cuda" if cuda else "mps" if mps else "cpu"
     if name not in ("cuda", "mps", "cpu"):
-        raise SystemExit(f"error: unknown --device {name!r}; use auto, cuda, mps or cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for but no CUDA GPU is visible; use --device cpu")
+        die(f"unknown --device {name!r}; use auto, cuda, mps or cpu")
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        die(f"--device {name} asked for but this machine has no usable {name.upper()} device; use --device cpu "
+            f"(or auto)")
+    if name == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     return torch.device(name)
+
+
+def make_optimizer(cls, params, **kwargs):
+    """The fused implementation where the device has one (CUDA, CPU in torch >= 2.4): one kernel a
+    step and no host-device synchronisation; else the default (foreach or single-tensor)."""
+    params = list(params)
+    try:
+        return cls(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return cls(params, **kwargs)
 
 
 def seed_everything(seed):
@@ -56,6 +79,8 @@ def seed_everything(seed):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 @contextlib.contextmanager
@@ -81,31 +106,89 @@ def eval_mode(model):
             m.training = mode
 
 
+UNCOUNTED_KINKS = ("max_pool", "leaky_relu", "hardtanh", "relu6", "prelu", "rrelu", "threshold")
+
+
+class _WatchFunctions(torch.overrides.TorchFunctionMode):
+    """Sees every torch function the model calls: a relu outside an nn.ReLU module (F.relu,
+    torch.relu, Tensor.relu) would be a layer the measurements leave out; max-pooling and other
+    piecewise-linear functions add region boundaries that no ReLU neuron stands for."""
+
+    def __init__(self):
+        super().__init__()
+        self.inside_relu, self.stray_relus, self.kinks = 0, 0, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in ("relu", "relu_") and not self.inside_relu:
+            self.stray_relus += 1
+        elif any(k in name for k in UNCOUNTED_KINKS):
+            self.kinks.add(name.strip("_"))
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def relu_inputs(model, reduce):
     """Calls reduce(layer_index, pre_activation) on the input of every nn.ReLU as it runs.
 
     The pre-hook runs before the ReLU, so an inplace ReLU is seen before it overwrites its input.
-    A module run twice counts as two layers. The hooks are always removed."""
+    A module run twice counts as two layers. The hooks are always removed. Refuses (ValueError) a
+    model without nn.ReLU, one where no nn.ReLU ran, and one that applies relu as a function
+    (F.relu, torch.relu), whose neurons would be silently left out; warns when some nn.ReLU
+    modules never ran or when the model has other kinks (max-pooling, leaky ReLU, ...) that LC
+    does not count."""
+    name = type(model).__name__
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
     if not relus:
-        raise ValueError(f"{type(model).__name__} has no nn.ReLU module: LC and per-layer rank need "
-                         "ReLU networks built with nn.ReLU (not F.relu or another activation)")
-    counter = [0]
+        raise ValueError(f"{name} has no nn.ReLU module: LC and per-layer rank need ReLU networks built "
+                         "with nn.ReLU modules (not F.relu or another activation)")
+    counter, ran, watch = [0], set(), _WatchFunctions()
 
     def hook(module, inputs):
         reduce(counter[0], inputs[0])
         counter[0] += 1
+        ran.add(id(module))
+        watch.inside_relu += 1
+
+    def leave(module, inputs, output):
+        watch.inside_relu -= 1
 
     def reset(module, inputs):  # layer indices restart at every forward pass of the model
         counter[0] = 0
 
     handles = [model.register_forward_pre_hook(reset)] + [m.register_forward_pre_hook(hook) for m in relus]
+    handles += [m.register_forward_hook(leave) for m in relus]
     try:
-        yield counter
+        with watch:
+            yield counter
     finally:
         for h in handles:
             h.remove()
+    if watch.stray_relus:
+        raise ValueError(f"{name} calls relu as a function (F.relu, torch.relu or Tensor.relu) "
+                         f"{watch.stray_relus} time(s): those neurons would be left out of LC and rank; "
+                         "use nn.ReLU modules")
+    if not ran:
+        raise ValueError(f"no nn.ReLU module of {name} ran in the forward pass: nothing to measure")
+    if len(ran) < len(relus):
+        warnings.warn(f"{len(relus) - len(ran)} of the {len(relus)} nn.ReLU modules of {name} never ran; "
+                      "only the ones that ran are measured", stacklevel=3)
+    if watch.kinks:
+        warnings.warn(f"{name} also uses {', '.join(sorted(watch.kinks))}: its kinks cut the input space too but "
+                      "LC and the partition pictures count only nn.ReLU neurons", stacklevel=3)
+
+
+class Normalize(nn.Module):
+    """Per-channel normalisation as the model's first layer, so inputs stay in pixel space [0, 1]
+    (PGD's clamp is right there) while the network sees what the authors' networks saw."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).reshape(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).reshape(-1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
 
 
 # ----------------------------------------------------------------------------- local complexity
@@ -120,13 +203,17 @@ def random_directions(n, dim, generator=None):
     return q.T.contiguous().float()
 
 
-def local_complexity(model, x, radius, directions, batch_size=64):
+def local_complexity(model, x, radius, directions, batch_size=64, zero_is_a_sign=False):
     """Number of neurons cut by the cross-polytope conv{x +- radius * v_p} around each point.
 
-    x: (N, ...) points with x[i].numel() == directions.shape[1]. directions: (P, D) rows.
+    x: (N, ...) points with x[i].numel() == directions.shape[1]. directions: (P, D) rows (any
+    rows: for a neighbourhood defined in normalised units, pass rows scaled into pixel units).
     A neuron (the input of an nn.ReLU, per channel x position for conv maps) is cut when its
-    pre-activation does not have the same sign at all 2P vertices. Returns a LongTensor (N, L) on
-    the CPU: the count per point and per ReLU layer. Sum over L for the LC of a point.
+    pre-activation is > 0 at some vertex and <= 0 at another: the ReLU's output is not linear on
+    the polytope. zero_is_a_sign=True counts instead any change of sign(pre) in {-1, 0, +1}, as
+    the authors' code does: it adds neurons that are exactly 0 at some vertices and negative at
+    the others (dead units of bias-free networks), which the ReLU does not cut. Returns a
+    LongTensor (N, L) on the CPU: the count per point and per ReLU layer (sum over L for the LC).
 
     Each chunk of batch_size points is forwarded as batch_size * 2P vertices in one batch, and
     each layer is reduced to counts as soon as it is computed, so memory is bounded by the chunk.
@@ -139,18 +226,22 @@ def local_complexity(model, x, radius, directions, batch_size=64):
     n_vertices = 2 * v.shape[0]
     if x[0].numel() != v.shape[1]:
         raise ValueError(f"directions have dim {v.shape[1]} but a point has {x[0].numel()} entries")
-    offsets = radius * torch.cat([v, -v])  # (2P, D)
+    offsets = radius * torch.cat([v, -v])  # (2P, D): the cross-polytope's vertices around 0
     chunks = []
     with torch.no_grad(), exact_float32(), eval_mode(model):
         for start in range(0, n_points, batch_size):
             xb = x[start:start + batch_size].to(device=device, dtype=dtype)
             b = xb.shape[0]
-            vertices = (xb.reshape(b, 1, -1) + offsets).reshape(b * n_vertices, *x.shape[1:])
+            vertices = einops.rearrange(xb.reshape(b, 1, -1) + offsets, "b v d -> (b v) d").reshape(-1, *x.shape[1:])
             counts = []
 
-            def reduce(layer, pre):  # cut: positive at some vertex and not positive at another
-                pre = pre.reshape(b, n_vertices, -1)
-                counts.append(((pre.amax(1) > 0) & (pre.amin(1) <= 0)).sum(1))  # amax/amin: 10x a bool sum
+            def reduce(layer, pre):  # per point: max and min over its 2P vertices of every neuron
+                pre = einops.rearrange(pre, "(b v) ... -> b v (...)", b=b)
+                high, low = pre.amax(1), pre.amin(1)  # amax/amin: 10x faster than counting signs
+                cut = (high > 0) & (low <= 0)
+                if zero_is_a_sign:
+                    cut |= (high == 0) & (low < 0)
+                counts.append(cut.sum(1))
 
             with relu_inputs(model, reduce):
                 model(vertices)
@@ -215,8 +306,8 @@ def _as_features(pre):
     """A ReLU input as rows of features: (N, d) dense; conv (N, C, H, W): every position is a row of
     C channels, (N*H*W, C); sequence (N, T, d): (N*T, d). Keeps conv covariances small (C x C)."""
     if pre.dim() == 4:
-        pre = pre.permute(0, 2, 3, 1)
-    return pre.reshape(-1, pre.shape[-1]) if pre.dim() > 2 else pre
+        return einops.rearrange(pre, "n c h w -> (n h w) c")
+    return einops.rearrange(pre, "n ... d -> (n ...) d")
 
 
 def layer_ranks(model, x, batch_size=1024):
@@ -270,8 +361,12 @@ def pgd_attack(model, x, y, eps, alpha, steps, random_start=True, restarts=1, lo
     The attack ascends log(1 - p_y), computed in float64 as logsumexp over the wrong classes minus
     logsumexp over all: per example its input gradient is a positive multiple (p_y / (1 - p_y)) of
     the cross-entropy's, so the sign steps are the same, but it does not vanish on very confident
-    logits, where the cross-entropy's gradient underflows to exactly zero (gradient masking)."""
-    if eps == 0:
+    logits, where the cross-entropy's gradient underflows to exactly zero (gradient masking).
+
+    eps and alpha are numbers, or tensors that broadcast against one input (e.g. (C, 1, 1): a
+    radius per channel, for radii given in normalised units and applied in pixel space)."""
+    eps, alpha = (torch.as_tensor(t, dtype=x.dtype, device=x.device) for t in (eps, alpha))
+    if not eps.any():
         return x.clone()
     best = x.clone()
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
@@ -308,7 +403,7 @@ def pgd_accuracy(model, x, y, eps, alpha, steps, batch_size=1024, **kwargs):
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
         x_adv = pgd_attack(model, xb, yb, eps, alpha, steps, **kwargs)
-        with torch.no_grad(), eval_mode(model):
+        with torch.no_grad(), eval_mode(model), exact_float32():
             correct += (model(x_adv).argmax(1) == yb).sum().item()
     return correct / len(x)
 
@@ -325,13 +420,16 @@ def evaluate(model, x, y, loss_fn, batch_size=2048):
     return correct / len(x), loss / len(x)
 
 
-def measure(model, cfg, probes, timer, full=True):
-    """Every measure of the papers at one step but the losses, as a dict. probes holds what stays fixed for the
-    run: train and test (x, y) tensors and loss_fn; lc_points, a dict of named point sets (train,
-    test, random) and directions; rank_x; pgd_x, pgd_y, pgd_gen, and the input box lo, hi.
-    LC (mean and 99% CI) is also taken at points on the decision boundary between test points.
-    cfg names the settings: lc_radius, lc_batch, pgd_eps, pgd_alpha, pgd_steps, pgd_restarts.
-    full=False measures only rank and weight norm (frequent, cheap evaluations)."""
+def measure(model, cfg, probes, timer, step, full=True):
+    """Every measure of the papers at one step but the losses, as a dict. probes holds what stays
+    fixed for the run: train and test (x, y) tensors and loss_fn; lc_points, a dict of named point
+    sets (train, test, random) and directions; rank_x; pgd_x, pgd_y, the input box lo, hi, seed,
+    and optionally pgd_scale (multiplies eps and alpha: a per-channel tensor turns radii given in
+    normalised units into pixel units). LC (mean and 99% CI) is also taken at points on the
+    decision boundary between test points. cfg names the settings: lc_radius, lc_batch, pgd_eps,
+    pgd_alpha, pgd_steps, pgd_restarts. PGD's random starts come from a generator seeded by
+    (seed, step), so a step's numbers do not depend on which steps were evaluated before it
+    (a resumed or extended run gives the same records). full=False measures only rank and norm."""
     rec = {}
     with timer("rank"):  # first: cheap, and in every evaluation (full=False: only rank and norm)
         for i, (rank, erank) in enumerate(layer_ranks(model, probes["rank_x"])):
@@ -348,19 +446,24 @@ def measure(model, cfg, probes, timer, full=True):
             counts = local_complexity(model, pts, cfg.lc_radius, probes["directions"], cfg.lc_batch)
             rec[f"lc_{name}"], rec[f"lc_{name}_ci"] = lc_summary(counts)
     with timer("pgd"):
+        x = probes["pgd_x"]
+        scale = probes.get("pgd_scale", 1.0)
+        generator = torch.Generator(x.device).manual_seed(probes["seed"] * 1_000_003 + step)
         for eps in cfg.pgd_eps:
-            rec[f"pgd_acc_{eps:.3g}"] = pgd_accuracy(model, probes["pgd_x"], probes["pgd_y"], eps, cfg.pgd_alpha,
+            rec[f"pgd_acc_{eps:.3g}"] = pgd_accuracy(model, x, probes["pgd_y"], eps * scale, cfg.pgd_alpha * scale,
                                                    cfg.pgd_steps, restarts=cfg.pgd_restarts, lo=probes["lo"],
-                                                   hi=probes["hi"], generator=probes["pgd_gen"])
+                                                   hi=probes["hi"], generator=generator)
     return rec
 
 
 def evaluate_and_log(model, cfg, step, probes, run, timer, checkpoint, full=True):
-    """One evaluation step of a script: train and test accuracy and loss, measure(), the partition picture at init, at the first
-    evaluation with train accuracy >= 99% ("fit") and at the end, one logged record, a progress
-    line, a checkpoint (checkpoint() saves it). Stops the run with a clear message when the
-    training loss is not finite; what was logged stays, and the plot is written. full=False: see
-    measure (no LC, PGD or partition picture)."""
+    """One evaluation step of a script: train and test accuracy and loss, measure(), the partition
+    picture at init, at the first evaluation with train accuracy >= 99% ("fit") and at the end,
+    one logged record, a progress line, a checkpoint (checkpoint() saves it). It closes the
+    training segment before (one device sync) and opens the next after. Stops the run with a
+    clear message when the training loss is not finite; what was logged stays, and the plot is
+    written. full=False: see measure (no LC, PGD or partition picture)."""
+    timer.stop_training()
     rec = {"step": step}
     with timer("eval"):
         for split in ("train", "test"):
@@ -369,9 +472,9 @@ def evaluate_and_log(model, cfg, step, probes, run, timer, checkpoint, full=True
         log_metrics(run, rec)
         write_csv(run)
         plot_run(run)
-        raise SystemExit(f"error: training loss is {rec['train_loss']} at step {step}; lower --lr (or --init-scale); "
-                         f"the metrics so far are in {run}")
-    rec.update(measure(model, cfg, probes, timer, full))
+        die(f"training loss is {rec['train_loss']} at step {step}; lower --lr (or --init-scale) and start again "
+            f"in a new --out (the metrics so far are in {run})")
+    rec.update(measure(model, cfg, probes, timer, step, full))
     name = "init" if step == 0 else "end" if step == cfg.steps else None
     if name is None and full and rec["train_acc"] >= 0.99 and not (Path(run) / "partition_fit.png").exists():
         name = "fit"
@@ -380,13 +483,19 @@ def evaluate_and_log(model, cfg, step, probes, run, timer, checkpoint, full=True
             partition_picture(model, probes["anchors"], Path(run) / f"partition_{name}.png", cfg.partition_resolution,
                               title=f"step {step}: ")
     log_metrics(run, rec)
-    done = timer.seconds.get("train", 0.0)
-    rate = f"{step / done:.0f} it/s" if done > 0 and step else ""
     shown = " ".join(f"{k} {v:.3g}" for k, v in rec.items()
                      if k in ("train_acc", "test_acc", "lc_train", "lc_boundary") or k.startswith("pgd_acc"))
-    print(f"step {step:>7}/{cfg.steps} ({100 * step / max(cfg.steps, 1):5.1f}%) {rate:>9} | {shown}", flush=True)
+    print(f"step {step:>7}/{cfg.steps} ({100 * step / max(cfg.steps, 1):5.1f}%) | {shown}", flush=True)
     with timer("checkpoint"):
         checkpoint()
+    timer.start_training()
+
+
+def anchor_points(x, y):
+    """Three inputs for the partition picture: the first of each of three classes (the first three
+    inputs when fewer than three classes are present)."""
+    firsts = [int((y == c).nonzero()[0, 0]) for c in torch.unique(y)[:3].tolist()]
+    return x[torch.tensor(firsts if len(firsts) == 3 else [0, 1, 2], device=x.device)]
 
 
 # ----------------------------------------------------------------------------- partition picture
@@ -394,9 +503,12 @@ def partition_picture(model, anchors, path, resolution=300, margin=0.5, batch_si
     """Draws the linear regions of model on the plane through three inputs (anchors: (3, ...)).
 
     The plane is x(a, b) = x0 + a (x1 - x0) + b (x2 - x0) for a, b in [-margin, 1 + margin]. Every
-    grid point gets its activation pattern (the signs at every ReLU input, see region_ids);
-    neighbouring grid points with different patterns mark a region edge. The decision
-    boundary (where the predicted class changes) is drawn in red, the anchors as dots.
+    grid point gets its activation pattern (the signs at every ReLU input, see region_ids).
+    Left: the regions, each in its own colour, edges (neighbouring grid points with different
+    patterns) in dark grey. Right: the boundary density, the number of neurons whose sign differs
+    between a grid point and its neighbours (log scale): it stays readable where the regions are
+    finer than the grid (CNNs), showing where the partition is dense. The decision boundary
+    (where the predicted class changes) is red in both, the anchors are dots.
     Returns the number of distinct regions seen on the grid (a lower bound of the true count)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -405,62 +517,79 @@ def partition_picture(model, anchors, path, resolution=300, margin=0.5, batch_si
     device = next(model.parameters()).device
     x0, x1, x2 = anchors.to(device).float().flatten(1)
     ticks = torch.linspace(-margin, 1 + margin, resolution, device=device)
-    a, b = torch.meshgrid(ticks, ticks, indexing="xy")
-    pattern_ids, classes = region_ids(model, x0 + a.reshape(-1, 1) * (x1 - x0) + b.reshape(-1, 1) * (x2 - x0),
-                                      anchors.shape[1:], batch_size)
-    ids = pattern_ids.reshape(resolution, resolution).cpu()
-    cls = classes.reshape(resolution, resolution).cpu()
+    b, a = torch.meshgrid(ticks, ticks, indexing="ij")  # row-major: a varies along a row
+    grid = x0 + einops.rearrange(a, "r c -> (r c) 1") * (x1 - x0) + einops.rearrange(b, "r c -> (r c) 1") * (x2 - x0)
+    pattern_ids, classes, flips = region_ids(model, grid, anchors.shape[1:], batch_size, row=resolution)
+    ids, cls, flips = (einops.rearrange(t.cpu(), "(r c) -> r c", r=resolution) for t in (pattern_ids, classes, flips))
     n_regions = len(torch.unique(ids))
 
     def edges(t):
         e = torch.zeros_like(t, dtype=torch.bool)
         e[:, 1:] |= t[:, 1:] != t[:, :-1]
         e[1:, :] |= t[1:, :] != t[:-1, :]
-        return e
+        return e.numpy()
 
     rng = np.random.default_rng(0)
     _, inverse = torch.unique(ids, return_inverse=True)
-    colors = 0.75 + 0.25 * rng.random((n_regions, 3))
-    img = colors[inverse.numpy()]
-    img[edges(ids).numpy()] = 0.15
-    img[edges(cls).numpy()] = (0.85, 0.0, 0.0)
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    regions = (0.75 + 0.25 * rng.random((n_regions, 3)))[inverse.numpy()]
+    regions[edges(ids)] = 0.15
+    density = plt.get_cmap("Greys")(np.log1p(flips.double().numpy()) / max(np.log1p(flips.max().item()), 1e-9))[..., :3]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.3))
     extent = (-margin, 1 + margin, -margin, 1 + margin)
-    ax.imshow(img, origin="lower", extent=extent, interpolation="nearest")
-    ax.scatter([0, 1, 0], [0, 0, 1], c="k", s=30, zorder=3)
-    ax.set_title(f"{title}{n_regions} regions on the grid (red: decision boundary)", fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    for ax, img, what in ((axes[0], regions, f"{n_regions} regions on the grid"),
+                          (axes[1], density, f"boundary density (up to {int(flips.max())} neurons flip)")):
+        img[edges(cls)] = (0.85, 0.0, 0.0)
+        ax.imshow(img, origin="lower", extent=extent, interpolation="nearest")
+        ax.scatter([0, 1, 0], [0, 0, 1], c="tab:blue", s=30, zorder=3)
+        ax.set_title(f"{title}{what}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("plane through three training points; red: decision boundary", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return n_regions
 
 
-def region_ids(model, points, point_shape, batch_size=1024):
-    """Region index of each point's activation pattern (the signs at every ReLU input) and its
-    predicted class. Each layer's sign vector is projected on 4 random integer vectors (entries
-    below 2^20): the float64 sums are integers below 2^53, so exact and independent of batching,
-    and two different patterns agree on all 4 with probability below 2^-80."""
+def region_ids(model, points, point_shape, batch_size=1024, row=None):
+    """Region index of each point's activation pattern (the signs at every ReLU input), its
+    predicted class and, for points on a row-major grid with `row` points a row, the number of
+    neurons whose sign differs from the next point in the row plus from the point one row up
+    (None without `row`). Each layer's sign vector is projected on 4 random integer vectors
+    (entries below 2^20): the float64 sums are integers below 2^53, so exact and independent of
+    batching, and two different patterns agree on all 4 with probability below 2^-80."""
     gen = torch.Generator().manual_seed(12345)
     weights = {}
-    keys, classes = [], []
+    keys, classes, flips = [], [], []
+    if row:
+        batch_size = max(1, batch_size // row) * row  # whole rows, so neighbours are in the batch or the last row
+    above = None
     with torch.no_grad(), eval_mode(model), exact_float32():
         for i in range(0, len(points), batch_size):
             xb = points[i:i + batch_size].reshape(-1, *point_shape)
-            parts = []
+            parts, signs = [], []
 
             def project(layer, pre):
-                bits = (pre.reshape(len(xb), -1) > 0).double()
+                bits = einops.rearrange(pre, "n ... -> n (...)") > 0
                 if layer not in weights:
                     weights[layer] = torch.randint(0, 2**20, (bits.shape[1], 4), generator=gen).double().to(xb.device)
-                parts.append(bits @ weights[layer])
+                parts.append(bits.double() @ weights[layer])
+                signs.append(bits)
 
             with relu_inputs(model, project):
                 classes.append(model(xb).argmax(1))
             keys.append(torch.cat(parts, 1))
+            if row:
+                bits = einops.rearrange(torch.cat(signs, 1), "(r c) n -> r c n", c=row)
+                count = torch.zeros(bits.shape[:2], dtype=torch.long, device=bits.device)
+                count[:, :-1] += (bits[:, 1:] != bits[:, :-1]).sum(2)
+                count[1:] += (bits[1:] != bits[:-1]).sum(2)
+                if above is not None:
+                    count[0] += (bits[0] != above).sum(1)
+                above = bits[-1]
+                flips.append(count.reshape(-1))
     _, ids = torch.unique(torch.cat(keys), dim=0, return_inverse=True)
-    return ids, torch.cat(classes)
+    return ids, torch.cat(classes), torch.cat(flips) if row else None
 
 
 # ----------------------------------------------------------------------------- schedules, timing
@@ -471,11 +600,14 @@ def log_steps(total, n=40, first=0):
 
 
 class Timer:
-    """Wall time per category (with a GPU sync at each boundary, so times are real)."""
+    """Wall time per category. Measurements are timed with a device sync at each boundary, so their
+    times are real; training is timed per segment between evaluations (start_training and
+    stop_training, one sync each), so no training step ever waits for the device."""
 
     def __init__(self, device):
         self.device, self.seconds, self.start = device, {}, time.perf_counter()
-        self.last_beat = self.start
+        self.last_beat, self.segment = self.start, None
+        self.evaluations = 0
 
     @contextlib.contextmanager
     def __call__(self, name):
@@ -487,17 +619,33 @@ class Timer:
             sync(self.device)
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
 
-    def heartbeat(self, step, first_step, total, every=30.0):
-        """Between evaluations (log-spaced, so far apart late in a run): a progress line every
-        `every` seconds, with steps/s and the training time left. One clock read a step, no sync."""
+    def start_training(self):
+        sync(self.device)
+        self.segment = time.perf_counter()
+
+    def stop_training(self):
+        if self.segment is not None:
+            sync(self.device)
+            self.seconds["train"] = self.seconds.get("train", 0.0) + time.perf_counter() - self.segment
+            self.segment = None
+        self.evaluations += 1
+
+    def heartbeat(self, step, first_step, total, eval_steps=(), every=30.0):
+        """A progress line every `every` seconds between evaluations (log-spaced, so far apart late
+        in a run), with steps/s and the time left: training at the rate so far plus the remaining
+        evaluations at their mean cost so far. One clock read a step, no device sync."""
         now = time.perf_counter()
         if now - self.last_beat < every:
             return
         self.last_beat = now
-        trained = self.seconds.get("train", 0.0)
+        trained = self.seconds.get("train", 0.0) + (now - self.segment if self.segment else 0.0)
         rate = (step - first_step) / trained if trained else 0.0
-        left = f"about {(total - step) / rate / 60:.0f} min of training left" if rate else ""
-        print(f"step {step:>7}/{total} ({100 * step / max(total, 1):5.1f}%) {rate:7.0f} it/s, {left}", flush=True)
+        measuring = sum(v for k, v in self.seconds.items() if k not in ("train", "setup"))
+        per_eval = measuring / max(self.evaluations, 1)
+        evals_left = sum(s > step for s in eval_steps)
+        left = (total - step) / rate + evals_left * per_eval if rate else 0.0
+        print(f"step {step:>7}/{total} ({100 * step / max(total, 1):5.1f}%) {rate:7.0f} it/s, about {left / 60:.0f} "
+              f"min left ({evals_left} evaluations of ~{per_eval:.0f} s to go)", flush=True)
 
     def report(self, train_steps):
         wall = time.perf_counter() - self.start
@@ -507,39 +655,239 @@ class Timer:
                 "train_steps_per_s": round(train_steps / self.seconds["train"], 1) if self.seconds.get("train") else None}
 
 
-# ----------------------------------------------------------------------------- run folder
-def parse_config(cls, argv=None):
-    """A dataclass of hyper-parameters -> argparse (every field a --flag, its comment the help)."""
+# ----------------------------------------------------------------------------- configuration
+# Fields that may change when a run is resumed: the schedule (a longer run, other evaluation steps:
+# every record depends only on its step, see measure), where the data and the run live, and how
+# the step is executed. Every other field defines the experiment.
+RESUMABLE = ("steps", "evals", "rank_every", "device", "data_dir", "download", "compile", "out", "resume")
+POSITIVE_INTS = ("width", "depth", "steps", "batch_size", "evals", "rank_every", "lc_directions", "lc_points",
+                 "lc_batch", "pgd_steps", "pgd_restarts", "pgd_points", "rank_points", "partition_resolution",
+                 "resolution", "p")
+NON_NEGATIVE_INTS = ("seed", "train_size")  # train_size 0: all the training data
+POSITIVE_FLOATS = ("lr", "lc_radius", "pgd_alpha", "init_scale")
+NON_NEGATIVE_FLOATS = ("weight_decay",)
+
+
+def number(text):
+    """A float from the command line; a fraction such as 8/255 is welcome."""
+    import argparse
+    try:
+        num, _, den = text.partition("/")
+        return float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 0.03 or 8/255)") from None
+
+
+def _parser(cls, defaults=True):
     import argparse
     import dataclasses
     import inspect
     import re
-    source = inspect.getsource(cls)
-    helps = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", source, re.M))
+    helps = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(cls), re.M))
     parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     argument_default=None if defaults else argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        flag, text = "--" + f.name.replace("_", "-"), helps.get(f.name, "").replace("%", "%%")
+        default = (list(f.default) if isinstance(f.default, tuple) else f.default) if defaults else argparse.SUPPRESS
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name, ""))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif f.type in (tuple, "tuple"):
-            parser.add_argument(flag, type=float, nargs="+", default=list(f.default), help=helps.get(f.name, ""))
+            parser.add_argument(flag, type=number, nargs="+", default=default, help=text)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            choices = getattr(cls, "CHOICES", {}).get(f.name)
-            parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=helps.get(f.name, ""))
-    args = parser.parse_args(argv)
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
+            kind = {"int": int, "float": number, "str": str}.get(f.type, f.type)
+            parser.add_argument(flag, type=kind, default=default, choices=getattr(cls, "CHOICES", {}).get(f.name),
+                                help=text)
+    return parser
 
 
-def apply_quick(cfg, **quick):
-    """--quick: these values replace the fields still at their defaults (a flag given on the command
-    line wins, so `--quick --steps 100` runs 100 steps of the quick setting)."""
+def parse_config(cls, argv=None):
+    """A dataclass of hyper-parameters from the command line: every field a --flag, its comment the
+    help; numbers may be fractions (--pgd-eps 8/255). The class's PRESETS, {(field, value):
+    {field: default}}, fill the fields not given when a field has that value (--quick's sizes,
+    a data set's own defaults). --resume takes the run's stored config.json, so `--out RUN --resume`
+    continues it; a flag given with it may change only a RESUMABLE field, and a flag that would
+    change the experiment is refused, naming the fields."""
     import dataclasses
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    return dataclasses.replace(cfg, **{k: v for k, v in quick.items() if getattr(cfg, k) == defaults[k]})
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(_parser(cls).parse_args(argv)).items()}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(_parser(cls, False).parse_args(argv)).items()}
+    stored_path = Path(values["out"]) / "config.json"
+    if values["resume"] and (Path(values["out"]) / "checkpoint.pt").exists() and stored_path.exists():
+        try:
+            stored = json.loads(stored_path.read_text())["config"]
+        except (ValueError, KeyError) as e:
+            die(f"{stored_path} is not a config this toolkit wrote ({e}); start a new run with another --out")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields}
+        changed = [k for k, v in given.items() if k not in RESUMABLE and k in stored and stored[k] != v]
+        if changed:
+            die(f"--resume: {values['out']} holds a run with " + ", ".join(f"--{k.replace('_', '-')} {stored[k]}" for k in
+                changed) + " (given: " + ", ".join(f"{given[k]}" for k in changed) + "); these define the experiment "
+                f"and cannot change on resume (only {', '.join(RESUMABLE)} can): drop them, or start a new --out")
+        values = {**values, **stored, **given}
+    else:  # presets (a data set's own defaults, then --quick) fill the fields not given
+        for (field, value), preset in getattr(cls, "PRESETS", {}).items():
+            if values[field] == value:
+                values.update({k: v for k, v in preset.items() if k not in given})
+    return cls(**values)
 
 
+def check_config(cfg, input_dim=None):
+    """Every numeric field against the rule its name implies (counts positive, rates and radii
+    finite and positive, weight decay and eps finite and >= 0, ...), and lc_directions against the
+    input dimension. The first violation ends the program with one line (exit code 2), before
+    anything is written."""
+    import dataclasses
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(value, (bool, str)):
+            continue
+        if f.name in POSITIVE_INTS and not value >= 1:
+            die(f"{flag} {value}: must be a positive whole number")
+        elif f.name in NON_NEGATIVE_INTS and not value >= 0:
+            die(f"{flag} {value}: must be 0 or more" + (" (0: all the training data)" if f.name == "train_size" else ""))
+        elif f.name in POSITIVE_FLOATS and not (math.isfinite(value) and value > 0):
+            die(f"{flag} {value}: must be a finite number above 0")
+        elif f.name in NON_NEGATIVE_FLOATS and not (math.isfinite(value) and value >= 0):
+            die(f"{flag} {value}: must be a finite number, 0 or more")
+        elif f.name == "pgd_eps" and not (value and all(math.isfinite(e) and e >= 0 for e in value)):
+            die(f"{flag} {' '.join(map(str, value))}: every radius must be a finite number, 0 or more")
+        elif f.name == "train_frac" and not 0 < value < 1:
+            die(f"{flag} {value}: must be between 0 and 1 (the fraction of pairs used for training)")
+        elif f.name not in POSITIVE_INTS + NON_NEGATIVE_INTS + POSITIVE_FLOATS + NON_NEGATIVE_FLOATS + (
+                "pgd_eps", "train_frac"):
+            raise AssertionError(f"check_config has no rule for the field {f.name}")
+    if input_dim is not None and cfg.lc_directions > input_dim:
+        die(f"--lc-directions {cfg.lc_directions}: at most the input dimension, {input_dim} (orthonormal directions)")
+    return cfg
+
+
+def check_data(source, x_train, y_train, x_test, y_test, image_shape, n_classes):
+    """Refuses, naming the source, data the scripts would silently misuse: images of another shape
+    or dtype (float images would be divided by 255 twice), labels that are not 1-D integers in
+    0..C-1, counts that differ between images and labels, an empty split."""
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if tuple(x.shape[1:]) != tuple(image_shape):
+            die(f"{source}: {split} images must be {'x'.join(map(str, image_shape))} each, got {tuple(x.shape[1:])}")
+        if x.dtype != torch.uint8:
+            die(f"{source}: {split} images are {x.dtype}, expected uint8 (pixel values 0..255)")
+        if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+            die(f"{source}: {split} labels must be a 1-D array of integers, got {tuple(y.shape)} {y.dtype}")
+        if len(x) != len(y):
+            die(f"{source}: {len(x)} {split} images but {len(y)} labels")
+        if len(x) == 0:
+            die(f"{source}: no {split} images")
+        if y.min() < 0 or y.max() >= n_classes:
+            die(f"{source}: {split} labels must lie in 0..{n_classes - 1}, found {int(y.min())}..{int(y.max())}")
+
+
+def read_idx(path):
+    """An IDX file of the MNIST distribution (plain or .gz) as a uint8 tensor; a truncated or
+    foreign file ends the program with one line naming it."""
+    import gzip
+    path = Path(path)
+    try:
+        data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    except (OSError, EOFError) as e:
+        die(f"{path}: cannot be read ({e})")
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or not 1 <= data[3] <= 4:
+        die(f"{path}: not an IDX file of unsigned bytes (the MNIST format)")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    if len(data) != 4 + 4 * ndim + math.prod(shape):
+        die(f"{path}: {len(data)} bytes, but its header announces shape {shape}: truncated or damaged; get the file again")
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
+
+
+def load_npz(path):
+    """(x_train, y_train, x_test, y_test) from an .npz holding those four arrays."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"{path} does not exist; pass --data-dir <.npz file or torchvision root>")
+    try:
+        with np.load(path) as d:
+            missing = {"x_train", "y_train", "x_test", "y_test"} - set(d.files)
+            if missing:
+                die(f"{path} lacks {sorted(missing)}; it needs x_train, y_train, x_test, y_test")
+            arrays = [torch.as_tensor(np.asarray(d[k])) for k in ("x_train", "y_train", "x_test", "y_test")]
+    except Exception as e:  # a damaged zip, pickled objects, a file of another kind
+        die(f"{path}: not a readable .npz file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    return arrays
+
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def load_mnist(data_dir, dataset="mnist", download=True):
+    """(x_train, y_train, x_test, y_test): uint8 images (N, 28, 28) and int64 labels, checked.
+    data_dir is an .npz (x_train, y_train, x_test, y_test) or torchvision's root, holding
+    <data_dir>/MNIST/raw/ (FashionMNIST/raw/) with the four IDX files, plain or .gz as distributed;
+    missing files are downloaded through torchvision when download is true."""
+    path = Path(data_dir)
+    if path.suffix == ".npz":
+        arrays, source = load_npz(path), path
+    else:
+        folder = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[dataset]
+        raw = path / folder / "raw"
+
+        def find():
+            return {n: next((p for p in (raw / n, raw / f"{n}.gz") if p.is_file()), None) for n in MNIST_FILES}
+
+        found = find()
+        if None in found.values() and download:
+            import torchvision
+            try:
+                for train in (True, False):
+                    getattr(torchvision.datasets, folder)(path, train=train, download=True)
+            except Exception as e:  # no network, a server error, a full disk: say it, then list the files
+                print(f"download of {dataset} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            found = find()
+        missing = [n for n, p in found.items() if p is None]
+        if missing:
+            have = sorted(p.name for p in raw.iterdir()) if raw.is_dir() else []
+            die(f"{dataset} in {raw}/: found {', '.join(have) if have else 'nothing'}; missing {', '.join(missing)} "
+                f"(plain or .gz); put them there or pass --data-dir <root or .npz>"
+                + ("" if download else " (or drop --no-download to download them)"))
+        arrays, source = [read_idx(found[n]) for n in MNIST_FILES], raw
+    check_data(source, *arrays, image_shape=(28, 28), n_classes=10)
+    x_train, y_train, x_test, y_test = arrays
+    return x_train, y_train.long(), x_test, y_test.long()
+
+
+def load_cifar10(data_dir, download=True):
+    """(x_train, y_train, x_test, y_test): uint8 NHWC images and int64 labels, checked, from an
+    .npz (x_train, y_train, x_test, y_test) or torchvision's root <data_dir>/cifar-10-batches-py/
+    (downloaded there when missing and download is true)."""
+    path = Path(data_dir)
+    if path.suffix == ".npz":
+        arrays, source = load_npz(path), path
+    else:
+        import torchvision
+        source = path / "cifar-10-batches-py"
+        try:
+            train = torchvision.datasets.CIFAR10(path, train=True, download=download)
+            test = torchvision.datasets.CIFAR10(path, train=False, download=download)
+        except Exception as e:  # missing, no network, or damaged batch files
+            die(f"CIFAR-10 not usable in {source}/ (data_batch_1..5, test_batch; {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); put it there, or pass --data-dir <file.npz> with "
+                f"x_train, y_train, x_test, y_test")
+        arrays = [torch.as_tensor(np.asarray(a)) for a in (train.data, train.targets, test.data, test.targets)]
+    check_data(source, *arrays, image_shape=(32, 32, 3), n_classes=10)
+    x_train, y_train, x_test, y_test = arrays
+    return x_train, y_train.long(), x_test, y_test.long()
+
+
+def take_train_subset(cfg, n_available, generator=None):
+    """Indices of cfg.train_size training examples (0: all): a seeded random subset, or the first
+    ones without a generator; refuses more than the data hold."""
+    if cfg.train_size > n_available:
+        die(f"--train-size {cfg.train_size}, but the data hold {n_available} training examples; ask for at most "
+            f"{n_available} (0: all)")
+    n = cfg.train_size or n_available
+    return torch.randperm(n_available, generator=generator)[:n] if generator else torch.arange(n)
+
+
+# ----------------------------------------------------------------------------- run folder
 def git_commit():
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -551,28 +899,76 @@ def git_commit():
         return None
 
 
-def start_run(out, config, device, resume=False):
-    """Creates the run folder and writes config.json (hyper-parameters plus provenance). A new run
-    refuses a folder that already holds metrics, so nothing logged is overwritten by accident."""
+_LOCKS = []  # open lock files: held for the life of the process
+
+
+def start_run(out, config, device, notes=None):
+    """Claims the run folder and records the run; returns (run, checkpoint state or None).
+
+    A lock (run/.lock, released when the process ends, even when killed) refuses a second process
+    on the same folder. A folder with a checkpoint holds a run: without --resume it is refused, with
+    it the run continues (config.json keeps the original config and gains a "resumed" entry).
+    A folder without a checkpoint (a run that stopped before its first checkpoint) starts from
+    step 0, with or without --resume; the stopped attempt's metrics are kept as metrics.failed.jsonl.
+    notes: extra facts for config.json (e.g. radii converted to pixel units)."""
     import dataclasses
     run = Path(out)
-    if (run / "metrics.jsonl").exists() and not resume:
-        raise SystemExit(f"error: {run} already holds a run; pass --resume to continue it or choose another --out")
-    run.mkdir(parents=True, exist_ok=True)
+    has_checkpoint = (run / "checkpoint.pt").exists()
+    if has_checkpoint and not config.resume:
+        die(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        lock = open(run / ".lock", "a+")
+    except OSError as e:
+        die(f"cannot write the run folder {run} ({e.strerror}); choose another --out")
+    try:
+        import fcntl
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no fcntl (Windows): no lock
+        pass
+    except OSError:
+        lock.seek(0)
+        die(f"{run} is in use by another process (pid {lock.read().strip() or '?'}); wait for it to end or choose "
+            f"another --out")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    _LOCKS.append(lock)
     info = {"config": dataclasses.asdict(config), "command": " ".join([sys.executable, *sys.argv]),
             "torch": torch.__version__, "device": str(device),
             "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
             "threads": torch.get_num_threads(), "git_commit": git_commit(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    name = "config.json" if not (run / "config.json").exists() else "config.resumed.json"
-    (run / name).write_text(json.dumps(info, indent=2))
-    return run
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), **(notes or {})}
+    state = read_checkpoint(run, config.steps) if has_checkpoint else None
+    if has_checkpoint:
+        stored = json.loads((run / "config.json").read_text())
+        changed = {k: v for k, v in json.loads(json.dumps(info["config"])).items() if stored["config"].get(k) != v}
+        stored.setdefault("resumed", []).append({k: info[k] for k in ("command", "git_commit", "device", "started")}
+                                                | {"changed": changed})
+        info = stored
+    else:
+        if config.resume:
+            print(f"{run}: no checkpoint yet, so the run starts from step 0")
+        if (run / "metrics.jsonl").exists():
+            os.replace(run / "metrics.jsonl", run / "metrics.failed.jsonl")
+            print(f"{run}: the metrics of the attempt that stopped before its first checkpoint are kept in "
+                  f"metrics.failed.jsonl")
+    tmp = run / "config.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, run / "config.json")
+    return run, state
+
+
+def _strict(value):
+    """NaN and infinities as null: metrics.jsonl stays valid JSON for strict readers."""
+    return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
 def log_metrics(run, record):
     """Appends one JSON line and flushes it to disk, so a crash loses nothing already logged."""
     with open(Path(run) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps({k: _strict(v) for k, v in record.items()}, allow_nan=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -610,8 +1006,8 @@ def write_csv(run):
 
 
 def save_checkpoint(run, model, optimizer, step, generators):
-    """Model, optimiser, step and every RNG state (the global ones and the named generators:
-    batches, PGD starts), written atomically (tmp file, then rename)."""
+    """Model, optimiser, step and every RNG state (the global ones and the named generators, e.g.
+    the batches'), written atomically (tmp file, then rename)."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
              "rng_cpu": torch.get_rng_state(), "generators": {k: g.get_state() for k, g in generators.items()},
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -620,12 +1016,23 @@ def save_checkpoint(run, model, optimizer, step, generators):
     os.replace(tmp, Path(run) / "checkpoint.pt")
 
 
-def load_checkpoint(run, model, optimizer, generators):
-    """Restores what save_checkpoint wrote (weights_only=True: no code runs) and returns the step."""
+def read_checkpoint(run, steps):
+    """The checkpoint of run (weights_only=True: loading runs no code); a damaged file or one past
+    --steps ends the program with one line."""
     path = Path(run) / "checkpoint.pt"
-    if not path.exists():
-        raise SystemExit(f"error: --resume given but {path} does not exist; start without --resume")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        step = int(state["step"])
+    except Exception as e:  # torch.load raises many types on a damaged file
+        die(f"{path} is damaged or not a checkpoint of this toolkit ({type(e).__name__}); start again in a new --out")
+    if step > steps:
+        die(f"--resume: {run} is at step {step}, past --steps {steps}; give --steps {step} or more")
+    return state
+
+
+def restore(run, state, model, optimizer, generators):
+    """Loads a checkpoint read by start_run into the model, optimiser and RNGs, drops the records
+    logged after it (they will be redone) and returns its step."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])
@@ -633,6 +1040,7 @@ def load_checkpoint(run, model, optimizer, generators):
         g.set_state(state["generators"][k])
     if state["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
+    truncate_metrics(run, state["step"])
     return state["step"]
 
 
@@ -644,18 +1052,20 @@ def onset_summary(records):
     "robust".) Without interpolation the search starts at step 0. Plus LC at init, min, max, end."""
     if not records:
         return {}
-    fit = next((r["step"] for r in records if r.get("train_acc", 0) >= 0.99), None)
+    fit = next((r["step"] for r in records if (r.get("train_acc") or 0) >= 0.99), None)
     after = [r for r in records if r["step"] >= (fit or 0)]
     last = records[-1]
     out = {"train_acc_99_step": fit}
     for key in [k for k in last if k == "test_acc" or k.startswith("pgd_acc")]:
         out[f"{key}_final"] = last[key]
+        if last[key] is None:
+            continue
         onset = next((r["step"] for r in after if r.get(key) is not None and r[key] >= 0.99 * last[key]), None)
         onset = onset if last[key] > 0 else None  # nothing rose
         out[f"{key}_99pct_of_final_step"] = onset
         if onset is not None and fit is not None:
             out[f"{key}_delay_steps"] = onset - fit
-    lc = [r["lc_train"] for r in records if "lc_train" in r]
+    lc = [r["lc_train"] for r in records if r.get("lc_train") is not None]
     if lc:
         out.update(lc_train_init=lc[0], lc_train_min=min(lc), lc_train_max=max(lc), lc_train_end=lc[-1])
     return out
@@ -670,6 +1080,7 @@ def write_summary(run, time_report=None):
 
 def finish_run(run, timer, train_steps):
     """Writes metrics.csv, metrics.png and summary.json (onsets and time breakdown); prints it."""
+    timer.stop_training()
     with timer("plot"):
         write_csv(run)
         plot_run(run)
@@ -694,58 +1105,111 @@ def plot_run(run, path=None):
     """Every logged metric against training step on a log axis (step 0 drawn at 1/2 of the first
     logged step), one panel per group, into run/metrics.png. Works on any run folder, also while
     the run goes on: `python common.py runs/x`. Returns the panel titles."""
+    records = read_metrics(run)
+    if not records:
+        die(f"no metrics in {run}/metrics.jsonl to plot")
+    return plot_runs({Path(run).name: records}, Path(path or Path(run) / "metrics.png"), str(Path(run).name))
+
+
+def plot_runs(runs, path, title):
+    """runs: {name: records}. One run: a line per metric (99% CI band for LC). Several runs (seeds
+    of one setting): a line per metric at the mean over the runs that logged that step, and a
+    band from their minimum to their maximum."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(run)
-    if not records:
-        raise SystemExit(f"error: no metrics in {run}/metrics.jsonl to plot")
-    keys = list(dict.fromkeys(k for r in records for k in r if k != "step" and isinstance(r[k], (int, float))))
+    everything = [r for records in runs.values() for r in records]
+    keys = list(dict.fromkeys(k for r in everything for k in r if k != "step" and isinstance(r[k], (int, float))))
     panels = [(t, [k for k in keys if pick(k)], y) for t, pick, y in PANELS]
     panels = [p for p in panels if p[1]]
     cols = 3
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.3 * rows), squeeze=False)
-    positive = [r["step"] for r in records if r["step"] > 0]
+    positive = [r["step"] for r in everything if r["step"] > 0]
     zero_at = min(positive) / 2 if positive else 1
-    for ax, (title, ks, ylabel) in zip(axes.flat, panels):
+
+    def values(k, records):
+        return {r["step"]: r[k] for r in records if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])}
+
+    for ax, (panel, ks, ylabel) in zip(axes.flat, panels):
         for k in ks:
-            pts = [(r["step"] or zero_at, r[k]) for r in records if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
-            if not pts:
+            per_run = [values(k, records) for records in runs.values()]
+            steps = sorted(set().union(*per_run))
+            if not steps:
                 continue
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker=".", ms=3, lw=1.2, label=k)
-            ci = [(r["step"] or zero_at, r[k], r[k + "_ci"]) for r in records if r.get(k + "_ci") is not None]
-            if ci:
-                cx, cy, ch = map(np.array, zip(*ci))
-                ax.fill_between(cx, cy - ch, cy + ch, alpha=0.2)
+            ys = [[v[s] for v in per_run if s in v] for s in steps]
+            xs = np.array([s or zero_at for s in steps], dtype=float)
+            line, = ax.plot(xs, [np.mean(y) for y in ys], marker=".", ms=3, lw=1.2, label=k)
+            if len(runs) > 1:
+                ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2, color=line.get_color())
+            else:
+                ci = values(k + "_ci", everything)
+                if ci:
+                    cx = np.array([s for s in steps if s in ci])
+                    cy, ch = np.array([per_run[0][s] for s in cx]), np.array([ci[s] for s in cx])
+                    ax.fill_between(np.where(cx == 0, zero_at, cx), cy - ch, cy + ch, alpha=0.2, color=line.get_color())
         ax.set_xscale("log")
-        if title == "loss" and any(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
+        if panel == "loss" and any(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
             ax.set_yscale("log")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(panel, fontsize=10)
         ax.set_xlabel("optimisation step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=6, ncol=2 if len(ks) > 6 else 1)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(str(Path(run).name), fontsize=11)
+    band = f" (mean of {len(runs)} runs, band: min to max)" if len(runs) > 1 else ""
+    fig.suptitle(title + band, fontsize=11)
     fig.tight_layout()
-    out = Path(path or Path(run) / "metrics.png")
-    fig.savefig(out, dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return [title for title, _, _ in panels]
+    return [panel for panel, _, _ in panels]
+
+
+def compare_runs(folders, path):
+    """Runs of one setting (seeds) or of a sweep in one figure (see plot_runs) and a table of their
+    onsets and final values: per quantity, each run's value, the mean and the range. Returns the
+    table as markdown."""
+    runs = {}
+    for folder in folders:
+        records = read_metrics(folder)
+        if not records:
+            die(f"no metrics in {folder}/metrics.jsonl to compare")
+        runs[str(folder)] = records
+    plot_runs(runs, path, ", ".join(Path(f).name for f in folders) if len(folders) <= 3 else f"{len(folders)} runs")
+    summaries = [onset_summary(records) for records in runs.values()]
+    lines = ["| quantity | " + " | ".join(Path(f).name for f in folders) + " | mean | min - max |",
+             "|---" * (len(folders) + 3) + "|"]
+    for key in dict.fromkeys(k for s in summaries for k in s):
+        got = [s.get(key) for s in summaries]
+        known = [v for v in got if isinstance(v, (int, float))]
+        cells = ["-" if v is None else f"{v:.4g}" for v in got]
+        spread = f"{np.mean(known):.4g} | {min(known):.4g} - {max(known):.4g}" if known else "- | -"
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {spread} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    # python common.py RUN [RUN ...]: redraw metrics.png and metrics.csv of run folders (also while
-    # a run goes on) and refresh the onsets in summary.json (its time breakdown is kept).
-    if len(sys.argv) < 2:
-        raise SystemExit("usage: python common.py RUN_FOLDER [RUN_FOLDER ...]")
-    for folder in sys.argv[1:]:
-        plot_run(folder)
-        write_csv(folder)
-        path = Path(folder) / "summary.json"
-        write_summary(folder, json.loads(path.read_text()).get("time") if path.exists() else None)
-        print(f"{folder}: metrics.png, metrics.csv and summary.json written")
+    import argparse
+    if sys.argv[1:2] == ["compare"]:
+        parser = argparse.ArgumentParser(prog="python common.py compare",
+                                         description="runs of one setting (seeds) or a sweep in one figure, and a "
+                                                     "table of onsets with their spread")
+        parser.add_argument("runs", nargs="+", help="run folders")
+        parser.add_argument("--out", default="compare.png", help="the figure (PNG)")
+        args = parser.parse_args(sys.argv[2:])
+        print(compare_runs(args.runs, args.out))
+        print(f"figure: {args.out}")
+    else:
+        # python common.py RUN [RUN ...]: redraw metrics.png and metrics.csv of run folders (also
+        # while a run goes on) and refresh the onsets in summary.json (its time breakdown is kept)
+        if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+            raise SystemExit("usage: python common.py RUN_FOLDER [RUN_FOLDER ...]      redraw each run's plot\n"
+                             "       python common.py compare RUN_FOLDER ... [--out fig.png]   several runs in one figure")
+        for folder in sys.argv[1:]:
+            plot_run(folder)
+            write_csv(folder)
+            path = Path(folder) / "summary.json"
+            write_summary(folder, json.loads(path.read_text()).get("time") if path.exists() else None)
+            print(f"{folder}: metrics.png, metrics.csv and summary.json written")

@@ -16,8 +16,11 @@ log-spaced steps (with LC and PGD) and every --rank-every steps (accuracy, rank,
     python exp_deep_mlp_rank.py --dataset fashion-mnist --depth 8 --width 200 --train-size 1000 \
         --weight-decay 0.1 --steps 30000 --rank-every 1000
 
-Data: --data-dir holds torchvision's layout (MNIST/raw/train-images-idx3-ubyte, ...); it is
-downloaded there unless --no-download. Hardware and time: depth 12, 1e5 steps, an estimated 15
+Data: --data-dir holds torchvision's layout (MNIST/raw/train-images-idx3-ubyte, plain or .gz as
+distributed; downloaded there unless --no-download), or is an .npz with x_train, y_train,
+x_test, y_test (uint8, N x 28 x 28). Units: images in [0, 1], radii in pixel units. The rank is
+that of the network's own features: a float64 forward of the model's weights, as the paper's
+float64 model computes them (float32 features raise the rank behind a low-rank bottleneck). Hardware and time: depth 12, 1e5 steps, an estimated 15
 minutes on one GPU (not timed yet); about 1.5 hours of training on one CPU core. The plot should
 show test accuracy rising in one or two stages long after train accuracy hits 100%, and the rank
 of the deep layers falling (then rising and falling again in the two-stage case) as it does.
@@ -27,7 +30,6 @@ import dataclasses
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 import common
 
@@ -35,9 +37,9 @@ import common
 @dataclasses.dataclass
 class Config:
     dataset: str = "mnist"  # mnist or fashion-mnist (same format, same code)
-    data_dir: str = "data"  # torchvision root: <data-dir>/MNIST/raw/ or <data-dir>/FashionMNIST/raw/
+    data_dir: str = "data"  # torchvision root (<data-dir>/MNIST/raw/ or FashionMNIST/raw/), or an .npz file
     download: bool = True  # download through torchvision when the files are missing
-    train_size: int = 7000  # N: the first N training images, as in Deep Grokking
+    train_size: int = 7000  # N: the first N training images, as in Deep Grokking (0: all)
     width: int = 400  # hidden width
     depth: int = 12  # number of Linear layers (depth - 1 ReLU layers)
     init_scale: float = 8.0  # every parameter is multiplied by this after the default init
@@ -47,12 +49,12 @@ class Config:
     weight_decay: float = 0.01  # AdamW weight decay
     evals: int = 30  # number of log-spaced evaluation steps (every measure)
     rank_every: int = 3000  # also every this many steps: accuracy, rank and weight norm (the paper's rank curve)
-    lc_radius: float = 0.05  # radius r of the cross-polytope (0.05 matches the paper's Fig. 2 at init)
+    lc_radius: float = 0.05  # radius r of the cross-polytope, pixel units (0.05 matches Fig. 2 at init)
     lc_directions: int = 25  # P: the cross-polytope has 2P vertices
     lc_points: int = 1024  # points for LC (train, test and random each)
     lc_batch: int = 128  # points per LC forward (times 2P vertices)
-    pgd_eps: tuple = (0.03, 0.06, 0.1)  # L-inf radii in pixel units ([0, 1] images)
-    pgd_alpha: float = 0.0156  # PGD step size
+    pgd_eps: tuple = (0.03, 0.06, 0.1)  # L-inf radii in pixel units ([0, 1] images); fractions like 8/255 work
+    pgd_alpha: float = 0.0156  # PGD step size, pixel units
     pgd_steps: int = 20  # PGD steps
     pgd_restarts: int = 1  # PGD random restarts (an example is robust if it survives all)
     pgd_points: int = 1024  # test images attacked
@@ -61,22 +63,12 @@ class Config:
     seed: int = 0  # seeds the model, the batches and every measurement
     device: str = "auto"  # auto, cuda, mps or cpu
     out: str = "runs/deep_mlp_rank"  # run folder
-    resume: bool = False  # continue the run in --out from its last checkpoint
+    resume: bool = False  # continue the run in --out from its last checkpoint (its stored config)
     quick: bool = False  # a seconds-long run of the same code path
     CHOICES = {"dataset": ["mnist", "fashion-mnist"], "device": ["auto", "cuda", "mps", "cpu"]}
-
-
-def load_images(cfg, train):
-    """(images (N, 1, 28, 28) float in [0, 1], labels) through torchvision's own IDX reader."""
-    cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}[cfg.dataset]
-    try:
-        ds = cls(cfg.data_dir, train=train, download=cfg.download)
-    except (RuntimeError, OSError) as e:
-        raise SystemExit(f"error: {cfg.dataset} not found in {cfg.data_dir}/{cls.__name__}/raw/ (expected "
-                         f"train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-                         f"t10k-labels-idx1-ubyte) and could not be downloaded ({str(e).splitlines()[0]}); "
-                         f"put the files there or pass --data-dir") from None
-    return ds.data.unsqueeze(1).float() / 255, ds.targets
+    PRESETS = {("quick", True): dict(  # --quick: the same code path in seconds
+        train_size=200, steps=200, evals=6, lc_points=64, pgd_points=64, lc_directions=8, pgd_steps=5,
+        batch_size=50, depth=6, width=64, rank_every=100, rank_points=256, partition_resolution=64)}
 
 
 def make_model(cfg):
@@ -96,33 +88,24 @@ def mse_one_hot(out, y):
 
 
 def main(cfg):
-    if cfg.quick:
-        cfg = common.apply_quick(cfg, train_size=min(cfg.train_size, 200), steps=200, evals=6, lc_points=64,
-                                  pgd_points=64, lc_directions=8, pgd_steps=5, batch_size=50, depth=6,
-                                  width=64, rank_every=100,
-                                  rank_points=256, partition_resolution=64)
+    common.check_config(cfg, input_dim=28 * 28)
     device = common.pick_device(cfg.device)
     common.seed_everything(cfg.seed)
     timer = common.Timer(device)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     with timer("setup"):
-        x_train, y_train = load_images(cfg, train=True)
-        x_test, y_test = load_images(cfg, train=False)
-    if cfg.train_size > len(x_train):
-        raise SystemExit(f"error: --train-size {cfg.train_size} but the data set has {len(x_train)} images")
-    run = common.start_run(cfg.out, cfg, device, cfg.resume)
-    x_train, y_train = x_train[:cfg.train_size].to(device), y_train[:cfg.train_size].to(device)
-    x_test, y_test = x_test.to(device), y_test.to(device)
+        x_train, y_train, x_test, y_test = common.load_mnist(cfg.data_dir, cfg.dataset, cfg.download)
+    subset = common.take_train_subset(cfg, len(x_train))  # the first N, as in the paper
+    run, checkpoint = common.start_run(cfg.out, cfg, device)
+    # the data lives on the device as float tensors in [0, 1]; batches are drawn by indexing
+    x_train, y_train = x_train[subset].unsqueeze(1).float().div(255).to(device), y_train[subset].to(device)
+    x_test, y_test = x_test.unsqueeze(1).float().div(255).to(device), y_test.to(device)
 
     model = make_model(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = common.make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sample_gen = torch.Generator(device).manual_seed(cfg.seed + 2)  # draws the training batches
-    pgd_gen = torch.Generator(device).manual_seed(cfg.seed + 1)  # PGD random starts
-    generators = {"sample": sample_gen, "pgd": pgd_gen}  # saved in checkpoints, so a resumed run is exact
-    start = 0
-    if cfg.resume:
-        start = common.load_checkpoint(run, model, optimizer, generators)
-        common.truncate_metrics(run, start)
+    generators = {"sample": sample_gen}  # saved in checkpoints, so a resumed run is exact
+    start = common.restore(run, checkpoint, model, optimizer, generators) if checkpoint else 0
 
     # what every evaluation measures, fixed for the whole run (random points: uniform in [0, 1]^784)
     probes = {"train": (x_train, y_train), "test": (x_test, y_test), "loss_fn": mse_one_hot,
@@ -130,27 +113,26 @@ def main(cfg):
                             "random": torch.rand(cfg.lc_points, 1, 28, 28, generator=data_gen).to(device)},
               "directions": common.random_directions(cfg.lc_directions, 28 * 28, data_gen),
               "rank_x": x_test[:cfg.rank_points], "pgd_x": x_test[:cfg.pgd_points], "pgd_y": y_test[:cfg.pgd_points],
-              "pgd_gen": pgd_gen, "lo": 0.0, "hi": 1.0,
-              "anchors": x_train[torch.stack([(y_train == c).nonzero()[0, 0] for c in range(3)])]}
+              "seed": cfg.seed, "lo": 0.0, "hi": 1.0, "anchors": common.anchor_points(x_train, y_train)}
     full_steps = set(common.log_steps(cfg.steps, cfg.evals))  # everything, LC and PGD included
-    eval_steps = full_steps | set(range(0, cfg.steps, cfg.rank_every))  # the rest: accuracy, rank, norm
+    eval_steps = sorted(full_steps | set(range(0, cfg.steps, cfg.rank_every)))  # the rest: accuracy, rank, norm
     print(f"{run}: {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} {cfg.dataset} "
-          f"train images, device {device}")
+          f"train images, {len(x_test)} test images, device {device}")
 
+    timer.start_training()  # no host-device sync inside this loop: the evaluations sync once each
     for step in range(start, cfg.steps + 1):
-        if step in eval_steps and not (cfg.resume and step == start):
+        if step in eval_steps and not (checkpoint and step == start):
             common.evaluate_and_log(model, cfg, step, probes, run, timer,
                                     lambda: common.save_checkpoint(run, model, optimizer, step, generators),
                                     full=step in full_steps)
         if step == cfg.steps:
             break
-        with timer("train"):
-            idx = torch.randint(len(x_train), (cfg.batch_size,), device=device, generator=sample_gen)
-            loss = mse_one_hot(model(x_train[idx]), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        timer.heartbeat(step + 1, start, cfg.steps)
+        idx = torch.randint(len(x_train), (cfg.batch_size,), device=device, generator=sample_gen)
+        loss = mse_one_hot(model(x_train[idx]), y_train[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        timer.heartbeat(step + 1, start, cfg.steps, eval_steps)
     return common.finish_run(run, timer, cfg.steps - start)
 
 

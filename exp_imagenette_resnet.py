@@ -1,27 +1,42 @@
-"""Delayed robustness of a pre-activation ResNet18 without BatchNorm on Imagenette.
+"""Delayed robustness of ResNet18 without BatchNorm: Imagenette (Fig. 6c) and CIFAR-10 (Fig. 1).
 
-Reproduces the Imagenette experiment of Humayun et al. 2024 ("Deep Networks Always Grok", arXiv
-2402.15555; Fig. 1 shows its CIFAR-10 analogue): a pre-activation ResNet18 with no BatchNorm
-(BatchNorm removes grokking), base width 16, Adam lr 1e-3, batch 256, no augmentation. Adversarial
-accuracy stays at ~12-18% until ~1e5 steps, then rises (~67% at 2e5, ~75% at 3.5e5) while the
-local complexity (r=1e-4) descends, ascends and descends again.
-Choices where the paper is silent: images resized (shorter side) and centre-cropped to
---resolution 64 px (a GPU trains 3.5e5 steps at 64 px in hours, at 128 px in about four times
-that), stem 3x3 conv, stages of strides 1,2,2,2, a final ReLU, global average pooling, PGD eps
-in pixel units.
+Reproduces the two ResNet experiments of Humayun et al. 2024 ("Deep Networks Always Grok",
+arXiv 2402.15555), each as its authors built it (BatchNorm removes grokking, so there is none):
+- Imagenette, the default (Fig. 6c): "a standard torchvision ResNet" [paper] without BatchNorm,
+  i.e. torchvision.models.resnet18(weights=None, norm_layer=nn.Identity): 7x7 stem, max-pool,
+  post-activation blocks, no conv biases, one inplace ReLU module used twice per block (LC counts
+  each use as its own layer). Adam lr 1e-3, no weight decay [paper], batch 256, LC radius r=1e-4
+  [paper]. Resolution is unpublished: 64 px here (resized and centre-cropped). The paper shows
+  LC very high during the ascent.
+- CIFAR-10 (Fig. 1, `--dataset cifar10`, from the authors' public code): a pre-activation ResNet18
+  of width 16 (kuangliu's layout, conv bias=False, BatchNorm replaced by identity, no ReLU after
+  the last block), AdamW lr 1e-3 wd 0, batch 256, no augmentation, ~4.4e5 steps shown; LC P=20,
+  r=0.005 on 1024 points; PGD eps 50/255, alpha 4/255, 10 steps, random start. Fig. 1: adversarial
+  accuracy ~12-18% until 1e5 steps, ~67% at 2e5, ~75% at 3.5e5; LC 53 -> 41 (~30 steps) -> 66
+  (1e3-2e3) -> 36; clean test accuracy ~74-75%. (PGD runs on --pgd-points test images, 1024 by
+  default; the paper attacks the whole test set: --pgd-points 10000.)
+Units, as the authors' code: inputs are normalised by the data set's mean/std inside the model,
+and the LC radius and PGD's eps and alpha are in those *normalised* units (r is r * std_c in [0,
+1] pixels); the run prints and stores the pixel equivalents (config.json, pixel_units).
 
-    python exp_imagenette_resnet.py                     # 3.5e5 steps at 64 px (GPU)
-    python exp_imagenette_resnet.py --resolution 128
-    python exp_imagenette_resnet.py --quick             # seconds, the same code path
+    python exp_imagenette_resnet.py                                  # Imagenette, torchvision ResNet18, 64 px
+    python exp_imagenette_resnet.py --dataset cifar10                # Fig. 1: pre-act ResNet18 width 16
+    python exp_imagenette_resnet.py --quick                          # seconds, the same code path
+    python exp_imagenette_resnet.py --dataset cifar10 --quick
 
-Data: --data-dir is a folder with train/ and val/ folders of class folders of images (any names;
-Imagenette's own layout imagenette2-160/{train,val}/n01440764/*.JPEG is found too); it is
-downloaded through torchvision unless --no-download. The decoded tensors are cached beside the
-images (tensors_<res>px.pt). Hardware and time: one GPU for hours (see the README's performance
-table); a CPU is far too slow beyond --quick. The plot should show train accuracy reaching 100%,
-then PGD accuracy rising much later while the train LC falls.
+Data: Imagenette: --data-dir is a folder with train/ and val/ folders of class folders of images
+(Imagenette's own imagenette2-160/ inside it is found too); downloaded through torchvision unless
+--no-download. The decoded tensors are cached beside the images, keyed to the folder's contents.
+CIFAR-10: torchvision's root or an .npz (x_train, y_train, x_test, y_test), as exp_cifar_cnn.py.
+Hardware and time: a GPU (not timed yet: no GPU was available; benchmarks/paper_suite.py projects
+the full run from a measured slice); a CPU is far too slow beyond --quick and short stand-ins.
+The plot should show train accuracy reaching 100%, then PGD accuracy rising much later while the
+train LC falls.
 """
 import dataclasses
+import hashlib
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,91 +47,135 @@ import torchvision.transforms as T
 
 import common
 
+NORMALISATION = {"imagenette": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
+                 "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
+
 
 @dataclasses.dataclass
 class Config:
-    data_dir: str = "data/imagenette"  # folder with train/ and val/ class folders (or imagenette2-160/ in it)
-    download: bool = True  # download Imagenette (160 px) through torchvision when missing
-    resolution: int = 64  # images are resized and centre-cropped to this many pixels a side
-    width: int = 16  # channels of the first stage (doubled at each of the 4 stages)
+    dataset: str = "imagenette"  # imagenette (Fig. 6c) or cifar10 (Fig. 1; its defaults are in PRESETS)
+    arch: str = "torchvision"  # torchvision: resnet18 without BN; preact: kuangliu's pre-activation ResNet18
+    data_dir: str = "data"  # Imagenette: folder with train/ and val/ (or imagenette2-160/); CIFAR: root or .npz
+    download: bool = True  # download through torchvision when missing
+    resolution: int = 64  # Imagenette images are resized and centre-cropped to this many pixels (CIFAR: 32)
+    width: int = 16  # channels of the first stage of the preact net (the torchvision net has 64)
     steps: int = 350_000  # optimisation steps
     batch_size: int = 256  # training batch
-    lr: float = 1e-3  # Adam learning rate
-    weight_decay: float = 0.0  # Adam (L2) weight decay
-    compile: bool = False  # torch.compile the training step's model (pays on a GPU)
+    lr: float = 1e-3  # Adam(W) learning rate
+    weight_decay: float = 0.0  # AdamW weight decay (0: plain Adam)
+    compile: bool = False  # torch.compile the training step's model (CUDA graphs on a GPU)
     evals: int = 40  # number of log-spaced evaluation steps
-    lc_radius: float = 1e-4  # radius r of the cross-polytope, in pixel units (the paper's Imagenette value)
+    lc_radius: float = 1e-4  # radius r of the cross-polytope, normalised units (the paper's Imagenette value)
     lc_directions: int = 25  # P: the cross-polytope has 2P vertices
     lc_points: int = 1024  # points for LC (train, test and random each)
     lc_batch: int = 8  # points per LC forward (times 2P vertices)
-    pgd_eps: tuple = (1 / 255, 4 / 255, 8 / 255)  # L-inf radii in pixel units ([0, 1] images)
-    pgd_alpha: float = 1 / 255  # PGD step size
+    pgd_eps: tuple = (8 / 255, 25 / 255, 50 / 255)  # L-inf radii in normalised units; fractions like 8/255 work
+    pgd_alpha: float = 4 / 255  # PGD step size, normalised units
     pgd_steps: int = 10  # PGD steps
     pgd_restarts: int = 1  # PGD random restarts (an example is robust if it survives all)
-    pgd_points: int = 1024  # validation images attacked
-    rank_points: int = 512  # validation images whose features give the per-layer (channel) rank
-    partition_resolution: int = 150  # grid points per side of the partition pictures
+    pgd_points: int = 1024  # test images attacked
+    rank_points: int = 512  # test images whose features give the per-layer (channel) rank
+    partition_resolution: int = 100  # grid points per side of the partition pictures
     seed: int = 0  # seeds the model, the batches and every measurement
     device: str = "auto"  # auto, cuda, mps or cpu
     out: str = "runs/imagenette_resnet"  # run folder
-    resume: bool = False  # continue the run in --out from its last checkpoint
+    resume: bool = False  # continue the run in --out from its last checkpoint (its stored config)
     quick: bool = False  # a seconds-long run of the same code path
-    CHOICES = {"device": ["auto", "cuda", "mps", "cpu"]}
+    CHOICES = {"dataset": ["imagenette", "cifar10"], "arch": ["torchvision", "preact"],
+               "device": ["auto", "cuda", "mps", "cpu"]}
+    PRESETS = {("dataset", "cifar10"): dict(  # Fig. 1, from the authors' code
+        arch="preact", resolution=32, steps=440_000, lc_radius=0.005, lc_directions=20, lc_batch=32,
+        out="runs/cifar10_resnet"),
+        ("quick", True): dict(  # --quick: the same code path in seconds
+        resolution=16, steps=30, evals=4, lc_points=8, pgd_points=16, lc_directions=4, pgd_steps=2, batch_size=16,
+        width=4, rank_points=16, partition_resolution=24)}
 
 
-def load_imagenette(cfg):
-    """(x_train, y_train, x_val, y_val): uint8 NCHW images at cfg.resolution and int64 labels."""
+def image_folders(cfg):
+    """The folder holding train/ and val/ (downloading Imagenette into data_dir when allowed)."""
     root = Path(cfg.data_dir)
-    folders = [root, root / "imagenette2-160", root / "imagenette2-320", root / "imagenette2"]
-    found = next((f for f in folders if (f / "train").is_dir() and (f / "val").is_dir()), None)
+    candidates = [root, root / "imagenette2-160", root / "imagenette2-320", root / "imagenette2"]
+    found = next((f for f in candidates if (f / "train").is_dir() and (f / "val").is_dir()), None)
     if found is None and cfg.download:
         try:
             for split in ("train", "val"):
                 torchvision.datasets.Imagenette(root, split=split, size="160px", download=True)
-        except (RuntimeError, OSError) as e:
-            print(f"download failed: {str(e).splitlines()[0]}")
-        found = next((f for f in folders if (f / "train").is_dir() and (f / "val").is_dir()), None)
+        except Exception as e:  # no network, a server error, a full disk: say it, then refuse below
+            print(f"download of Imagenette failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        found = next((f for f in candidates if (f / "train").is_dir() and (f / "val").is_dir()), None)
     if found is None:
-        raise SystemExit(f"error: no train/ and val/ image folders in {root} (nor in {root}/imagenette2-160/), and "
-                         f"Imagenette could not be downloaded; pass --data-dir <folder with train/<class>/*.jpg "
-                         f"and val/<class>/*.jpg>")
-    cache = found / f"tensors_{cfg.resolution}px.pt"
+        common.die(f"no train/ and val/ image folders in {root} (nor in {root}/imagenette2-160/), and Imagenette could "
+                   f"not be downloaded; pass --data-dir <folder with train/<class>/*.jpg and val/<class>/*.jpg>")
+    return found
+
+
+def load_imagenette(cfg):
+    """(x_train, y_train, x_val, y_val): uint8 NCHW images at cfg.resolution and int64 labels.
+
+    Decoded once, then cached in <folder>/tensors_<res>px_<key>.pt, where key hashes every image's
+    path, size and modification time: a changed folder gets a new cache. The cache is written
+    atomically; a damaged one is decoded again; a read-only folder is decoded every time."""
+    found = image_folders(cfg)
+    files = sorted(p for split in ("train", "val") for p in (found / split).rglob("*") if p.is_file())
+    key = hashlib.sha1("".join(f"{p.relative_to(found)}:{p.stat().st_size}:{p.stat().st_mtime_ns};"
+                               for p in files).encode()).hexdigest()[:12]
+    cache = found / f"tensors_{cfg.resolution}px_{key}.pt"
     if cache.exists():
-        return torch.load(cache, weights_only=True)
+        try:
+            return torch.load(cache, weights_only=True)
+        except Exception:  # damaged (e.g. a killed write of an older version): decode again
+            print(f"{cache} is damaged; decoding the images again")
     to_tensor = T.Compose([T.Resize(cfg.resolution), T.CenterCrop(cfg.resolution), T.PILToTensor()])
-    splits = [torchvision.datasets.ImageFolder(found / s, transform=to_tensor) for s in ("train", "val")]
-    if splits[0].classes != splits[1].classes:
-        raise SystemExit(f"error: train/ and val/ in {found} have different class folders")
-    tensors = []
-    for ds in splits:
+    tensors, classes = [], None
+    for split in ("train", "val"):
+        try:
+            ds = torchvision.datasets.ImageFolder(found / split)
+        except (FileNotFoundError, RuntimeError) as e:  # e.g. class folders without images
+            common.die(f"{found / split}: {str(e).splitlines()[0]}")
+        if classes is not None and ds.classes != classes:
+            common.die(f"train/ and val/ in {found} have different class folders")
+        classes = ds.classes
         print(f"decoding {len(ds)} images of {ds.root} at {cfg.resolution} px (cached afterwards)")
-        tensors += [torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor(ds.targets)]
-    torch.save(tensors, cache)
+        images = []
+        for path, _ in ds.samples:
+            try:
+                images.append(to_tensor(ds.loader(path).convert("RGB")))
+            except Exception as e:  # PIL: truncated or not an image
+                common.die(f"{path}: not a readable image ({type(e).__name__}: {e}); remove or replace it")
+        tensors += [torch.stack(images), torch.tensor(ds.targets)]
+    if len(classes) < 2:
+        common.die(f"{found}: {len(classes)} class folder(s); a classifier needs at least 2")
+    try:
+        tmp = cache.with_suffix(".tmp")
+        torch.save(tensors, tmp)
+        os.replace(tmp, cache)
+    except OSError as e:
+        warnings.warn(f"cannot cache the decoded images in {found} ({e.strerror}); they will be decoded again next time")
     return tensors
 
 
-class Normalize(nn.Module):
-    """Per-channel normalisation inside the model, so attacks work in pixel space [0, 1]."""
-
-    def __init__(self, mean, std):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).reshape(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).reshape(1, -1, 1, 1))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
+def load_data(cfg):
+    """(x_train, y_train, x_test, y_test): uint8 NCHW images and int64 labels, checked."""
+    if cfg.dataset == "cifar10":
+        x_train, y_train, x_test, y_test = common.load_cifar10(cfg.data_dir, cfg.download)
+        return x_train.permute(0, 3, 1, 2).contiguous(), y_train, x_test.permute(0, 3, 1, 2).contiguous(), y_test
+    x_train, y_train, x_test, y_test = load_imagenette(cfg)
+    n_classes = int(y_train.max()) + 1
+    common.check_data(Path(cfg.data_dir), x_train, y_train, x_test, y_test, (3, cfg.resolution, cfg.resolution),
+                      n_classes)
+    return x_train, y_train, x_test, y_test
 
 
 class PreActBlock(nn.Module):
-    """ReLU -> conv -> ReLU -> conv, plus a shortcut (1x1 conv of the activated input when the
-    shape changes). No normalisation. Each ReLU is its own module, so LC counts each use."""
+    """ReLU -> conv -> ReLU -> conv, plus a shortcut (a 1x1 conv of the activated input when the
+    shape changes). No normalisation, no conv bias. Each ReLU is its own module."""
 
     def __init__(self, c_in, c_out, stride):
         super().__init__()
         self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
-        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride) if stride != 1 or c_in != c_out else None
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if stride != 1 or c_in != c_out else None
 
     def forward(self, x):
         out = self.relu1(x)
@@ -125,75 +184,85 @@ class PreActBlock(nn.Module):
 
 
 def make_model(cfg, n_classes):
+    mean, std = NORMALISATION[cfg.dataset]
+    if cfg.arch == "torchvision":
+        return nn.Sequential(common.Normalize(mean, std),
+                             torchvision.models.resnet18(weights=None, num_classes=n_classes, norm_layer=nn.Identity))
     w = cfg.width
     blocks, c_in = [], w
     for c_out, stride in [(w, 1), (2 * w, 2), (4 * w, 2), (8 * w, 2)]:
         blocks += [PreActBlock(c_in, c_out, stride), PreActBlock(c_out, c_out, 1)]
         c_in = c_out
-    return nn.Sequential(Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), nn.Conv2d(3, w, 3, 1, 1),
-                         *blocks, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8 * w, n_classes))
+    return nn.Sequential(common.Normalize(mean, std), nn.Conv2d(3, w, 3, 1, 1, bias=False), *blocks,
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8 * w, n_classes))
 
 
 def main(cfg):
-    if cfg.quick:
-        cfg = common.apply_quick(cfg, resolution=16, steps=30, evals=4, lc_points=8, pgd_points=16,
-                                  lc_directions=4, pgd_steps=2, batch_size=16, width=4, rank_points=16,
-                                  partition_resolution=24)
+    if cfg.dataset == "cifar10":
+        cfg = dataclasses.replace(cfg, resolution=32)
     if cfg.resolution < 16 or cfg.resolution % 8:
-        raise SystemExit(f"error: --resolution {cfg.resolution} must be a multiple of 8 and at least 16")
+        common.die(f"--resolution {cfg.resolution} must be a multiple of 8 and at least 16")
+    common.check_config(cfg, input_dim=3 * cfg.resolution ** 2)
     device = common.pick_device(cfg.device)
     common.seed_everything(cfg.seed)
     timer = common.Timer(device)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     with timer("setup"):
-        x_train, y_train, x_test, y_test = load_imagenette(cfg)
-    run = common.start_run(cfg.out, cfg, device, cfg.resume)
+        x_train, y_train, x_test, y_test = load_data(cfg)
     n_classes = int(y_train.max()) + 1
-    # the data lives on the device as uint8 (4x smaller); each batch becomes float in [0, 1] there
+    mean, std = NORMALISATION[cfg.dataset]
+    pixel_units = {"lc_radius": [round(cfg.lc_radius * s, 7) for s in std],
+                   "pgd_eps": [[round(e * s, 6) for s in std] for e in cfg.pgd_eps],
+                   "pgd_alpha": [round(cfg.pgd_alpha * s, 6) for s in std]}
+    run, checkpoint = common.start_run(cfg.out, cfg, device, {"pixel_units": pixel_units})
+    print(f"radii in normalised units; per channel in [0, 1] pixels: LC r {pixel_units['lc_radius']}, PGD eps "
+          f"{pixel_units['pgd_eps']}, alpha {pixel_units['pgd_alpha']}")
+    # the training data lives on the device as uint8 (4x smaller); each batch becomes float in [0, 1] there
     x_train, y_train = x_train.to(device), y_train.to(device)
     test_order = torch.randperm(len(x_test), generator=data_gen)  # folders are sorted by class
     x_test, y_test = x_test[test_order].float().div(255).to(device), y_test[test_order].to(device)
     lc_train = x_train[torch.randperm(len(x_train), generator=data_gen)[:cfg.lc_points].to(device)].float().div(255)
 
     model = make_model(cfg, n_classes).to(device)
-    train_model = torch.compile(model) if cfg.compile else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if device.type == "cuda":  # NHWC convolutions: faster on tensor cores
+        model = model.to(memory_format=torch.channels_last)
+    train_model = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None) if cfg.compile else model
+    optimizer = common.make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sample_gen = torch.Generator(device).manual_seed(cfg.seed + 2)  # draws the training batches
-    pgd_gen = torch.Generator(device).manual_seed(cfg.seed + 1)  # PGD random starts
-    generators = {"sample": sample_gen, "pgd": pgd_gen}  # saved in checkpoints, so a resumed run is exact
-    start = 0
-    if cfg.resume:
-        start = common.load_checkpoint(run, model, optimizer, generators)
-        common.truncate_metrics(run, start)
+    generators = {"sample": sample_gen}  # saved in checkpoints, so a resumed run is exact
+    start = common.restore(run, checkpoint, model, optimizer, generators) if checkpoint else 0
 
-    # what every evaluation measures, fixed for the whole run (random points: uniform in [0, 1]^D)
+    # what every evaluation measures, fixed for the whole run (random points: uniform in [0, 1]^D);
+    # the LC directions are orthonormal in normalised units, so scaled by std in pixel units
     shape = (3, cfg.resolution, cfg.resolution)
+    std_t = torch.tensor(std).reshape(3, 1, 1)
+    directions = common.random_directions(cfg.lc_directions, 3 * cfg.resolution ** 2, data_gen)
     eval_idx = torch.randperm(len(x_train), generator=data_gen)[:2048].to(device)
     train_eval = (x_train[eval_idx].float().div(255), y_train[eval_idx])  # train accuracy on a fixed 2048
     probes = {"train": train_eval, "test": (x_test, y_test), "loss_fn": F.cross_entropy,
               "lc_points": {"train": lc_train, "test": x_test[:cfg.lc_points],
                             "random": torch.rand(cfg.lc_points, *shape, generator=data_gen).to(device)},
-              "directions": common.random_directions(cfg.lc_directions, 3 * cfg.resolution ** 2, data_gen),
+              "directions": (directions.reshape(-1, *shape) * std_t).flatten(1),
               "rank_x": x_test[:cfg.rank_points], "pgd_x": x_test[:cfg.pgd_points], "pgd_y": y_test[:cfg.pgd_points],
-              "pgd_gen": pgd_gen, "lo": 0.0, "hi": 1.0,
-              "anchors": x_train[torch.stack([(y_train == c).nonzero()[0, 0] for c in range(3)])].float().div(255)}
+              "seed": cfg.seed, "pgd_scale": std_t.to(device), "lo": 0.0, "hi": 1.0,
+              "anchors": common.anchor_points(x_train, y_train).float().div(255)}
     eval_steps = common.log_steps(cfg.steps, cfg.evals)
-    print(f"{run}: {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} train images of "
-          f"{n_classes} classes at {cfg.resolution} px, device {device}")
+    print(f"{run}: {cfg.arch} ResNet18, {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} "
+          f"train images of {n_classes} classes at {cfg.resolution} px, device {device}")
 
+    timer.start_training()  # no host-device sync inside this loop: the evaluations sync once each
     for step in range(start, cfg.steps + 1):
-        if step in eval_steps and not (cfg.resume and step == start):
+        if step in eval_steps and not (checkpoint and step == start):
             common.evaluate_and_log(model, cfg, step, probes, run, timer,
                                     lambda: common.save_checkpoint(run, model, optimizer, step, generators))
         if step == cfg.steps:
             break
-        with timer("train"):
-            idx = torch.randint(len(x_train), (cfg.batch_size,), device=device, generator=sample_gen)
-            loss = F.cross_entropy(train_model(x_train[idx].float().div(255)), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        timer.heartbeat(step + 1, start, cfg.steps)
+        idx = torch.randint(len(x_train), (cfg.batch_size,), device=device, generator=sample_gen)
+        loss = F.cross_entropy(train_model(x_train[idx].float().div(255)), y_train[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        timer.heartbeat(step + 1, start, cfg.steps, eval_steps)
     return common.finish_run(run, timer, cfg.steps - start)
 
 

@@ -13,9 +13,11 @@ scaled x8 after the default init (Omnigrok, Liu et al. 2023) test accuracy is de
     # CPU-scale grokking (documented in RESULTS.md), Fashion-MNIST from Debian's package:
     python exp_mnist_mlp.py --dataset fashion-mnist --init-scale 8 --weight-decay 0.1 --steps 20000
 
-Data: --data-dir holds torchvision's layout (MNIST/raw/train-images-idx3-ubyte, ...); it is
-downloaded there unless --no-download. Hardware and time: 1e5 steps took 14 minutes on one CPU
-core (RESULTS.md); a GPU is not needed (not timed on one yet). The plot should show train accuracy
+Data: --data-dir holds torchvision's layout (MNIST/raw/train-images-idx3-ubyte, plain or .gz as
+distributed; downloaded there unless --no-download), or is an .npz with x_train, y_train,
+x_test, y_test (uint8, N x 28 x 28). Units: images in [0, 1] (no normalisation), so the LC
+radius and PGD's eps and alpha are in pixel units, as in the paper. Hardware and time: 1e5 steps
+take 11-14 minutes on one CPU core (RESULTS.md); a GPU is not needed (not timed on one yet). The plot should show train accuracy
 at 100% early, test accuracy flat (init 1) or delayed (init 8), PGD accuracy rising late, and
 train LC falling before it.
 """
@@ -24,7 +26,6 @@ import dataclasses
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 import common
 
@@ -32,9 +33,9 @@ import common
 @dataclasses.dataclass
 class Config:
     dataset: str = "mnist"  # mnist or fashion-mnist (same format, same code)
-    data_dir: str = "data"  # torchvision root: <data-dir>/MNIST/raw/ or <data-dir>/FashionMNIST/raw/
+    data_dir: str = "data"  # torchvision root (<data-dir>/MNIST/raw/ or FashionMNIST/raw/), or an .npz file
     download: bool = True  # download through torchvision when the files are missing
-    train_size: int = 1000  # training images, a seeded random subset of the 60k
+    train_size: int = 1000  # training images, a seeded random subset of the training split (0: all)
     width: int = 200  # hidden width
     depth: int = 4  # number of Linear layers (depth - 1 ReLU layers)
     init_scale: float = 1.0  # every parameter is multiplied by this after the default init (8: Omnigrok)
@@ -43,12 +44,12 @@ class Config:
     lr: float = 1e-3  # AdamW learning rate
     weight_decay: float = 0.01  # AdamW weight decay
     evals: int = 25  # number of log-spaced evaluation steps
-    lc_radius: float = 0.05  # radius r of the cross-polytope (0.05 matches the paper's Fig. 2 at init)
+    lc_radius: float = 0.05  # radius r of the cross-polytope, pixel units (0.05 matches Fig. 2 at init)
     lc_directions: int = 25  # P: the cross-polytope has 2P vertices
     lc_points: int = 1000  # points for LC (train, test and random each)
     lc_batch: int = 128  # points per LC forward (times 2P vertices)
-    pgd_eps: tuple = (0.03, 0.06, 0.1)  # L-inf radii in pixel units ([0, 1] images)
-    pgd_alpha: float = 0.0156  # PGD step size
+    pgd_eps: tuple = (0.03, 0.06, 0.1)  # L-inf radii in pixel units ([0, 1] images); fractions like 8/255 work
+    pgd_alpha: float = 0.0156  # PGD step size, pixel units
     pgd_steps: int = 100  # PGD steps (the paper uses 100 for MNIST)
     pgd_restarts: int = 1  # PGD random restarts (an example is robust if it survives all)
     pgd_points: int = 400  # test images attacked (100 steps x 3 eps: keeps measuring under 20% of the run)
@@ -57,22 +58,12 @@ class Config:
     seed: int = 0  # seeds the model, the subset, the batches and every measurement
     device: str = "auto"  # auto, cuda, mps or cpu
     out: str = "runs/mnist_mlp"  # run folder
-    resume: bool = False  # continue the run in --out from its last checkpoint
+    resume: bool = False  # continue the run in --out from its last checkpoint (its stored config)
     quick: bool = False  # a seconds-long run of the same code path
     CHOICES = {"dataset": ["mnist", "fashion-mnist"], "device": ["auto", "cuda", "mps", "cpu"]}
-
-
-def load_images(cfg, train):
-    """(images (N, 1, 28, 28) float in [0, 1], labels) through torchvision's own IDX reader."""
-    cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}[cfg.dataset]
-    try:
-        ds = cls(cfg.data_dir, train=train, download=cfg.download)
-    except (RuntimeError, OSError) as e:
-        raise SystemExit(f"error: {cfg.dataset} not found in {cfg.data_dir}/{cls.__name__}/raw/ (expected "
-                         f"train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-                         f"t10k-labels-idx1-ubyte) and could not be downloaded ({str(e).splitlines()[0]}); "
-                         f"put the files there or pass --data-dir") from None
-    return ds.data.unsqueeze(1).float() / 255, ds.targets
+    PRESETS = {("quick", True): dict(  # --quick: the same code path in seconds
+        train_size=200, steps=200, evals=6, lc_points=64, pgd_points=64, lc_directions=8, pgd_steps=5,
+        batch_size=50, rank_points=256, partition_resolution=64)}
 
 
 def make_model(cfg):
@@ -92,33 +83,24 @@ def mse_one_hot(out, y):
 
 
 def main(cfg):
-    if cfg.quick:
-        cfg = common.apply_quick(cfg, train_size=min(cfg.train_size, 200), steps=200, evals=6, lc_points=64,
-                                  pgd_points=64, lc_directions=8, pgd_steps=5, batch_size=50,
-                                  rank_points=256, partition_resolution=64)
+    common.check_config(cfg, input_dim=28 * 28)
     device = common.pick_device(cfg.device)
     common.seed_everything(cfg.seed)
     timer = common.Timer(device)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     with timer("setup"):
-        x_train, y_train = load_images(cfg, train=True)
-        x_test, y_test = load_images(cfg, train=False)
-    if cfg.train_size > len(x_train):
-        raise SystemExit(f"error: --train-size {cfg.train_size} but the data set has {len(x_train)} images")
-    run = common.start_run(cfg.out, cfg, device, cfg.resume)
-    subset = torch.randperm(len(x_train), generator=data_gen)[:cfg.train_size]
-    x_train, y_train = x_train[subset].to(device), y_train[subset].to(device)
-    x_test, y_test = x_test.to(device), y_test.to(device)
+        x_train, y_train, x_test, y_test = common.load_mnist(cfg.data_dir, cfg.dataset, cfg.download)
+    subset = common.take_train_subset(cfg, len(x_train), data_gen)
+    run, checkpoint = common.start_run(cfg.out, cfg, device)
+    # the data lives on the device as float tensors in [0, 1]; batches are drawn by indexing
+    x_train, y_train = x_train[subset].unsqueeze(1).float().div(255).to(device), y_train[subset].to(device)
+    x_test, y_test = x_test.unsqueeze(1).float().div(255).to(device), y_test.to(device)
 
     model = make_model(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = common.make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sample_gen = torch.Generator(device).manual_seed(cfg.seed + 2)  # draws the training batches
-    pgd_gen = torch.Generator(device).manual_seed(cfg.seed + 1)  # PGD random starts
-    generators = {"sample": sample_gen, "pgd": pgd_gen}  # saved in checkpoints, so a resumed run is exact
-    start = 0
-    if cfg.resume:
-        start = common.load_checkpoint(run, model, optimizer, generators)
-        common.truncate_metrics(run, start)
+    generators = {"sample": sample_gen}  # saved in checkpoints, so a resumed run is exact
+    start = common.restore(run, checkpoint, model, optimizer, generators) if checkpoint else 0
 
     # what every evaluation measures, fixed for the whole run (random points: uniform in [0, 1]^784)
     probes = {"train": (x_train, y_train), "test": (x_test, y_test), "loss_fn": mse_one_hot,
@@ -126,25 +108,24 @@ def main(cfg):
                             "random": torch.rand(cfg.lc_points, 1, 28, 28, generator=data_gen).to(device)},
               "directions": common.random_directions(cfg.lc_directions, 28 * 28, data_gen),
               "rank_x": x_test[:cfg.rank_points], "pgd_x": x_test[:cfg.pgd_points], "pgd_y": y_test[:cfg.pgd_points],
-              "pgd_gen": pgd_gen, "lo": 0.0, "hi": 1.0,
-              "anchors": x_train[torch.stack([(y_train == c).nonzero()[0, 0] for c in range(3)])]}
+              "seed": cfg.seed, "lo": 0.0, "hi": 1.0, "anchors": common.anchor_points(x_train, y_train)}
     eval_steps = common.log_steps(cfg.steps, cfg.evals)
     print(f"{run}: {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} {cfg.dataset} "
-          f"train images, device {device}")
+          f"train images, {len(x_test)} test images, device {device}")
 
+    timer.start_training()  # no host-device sync inside this loop: the evaluations sync once each
     for step in range(start, cfg.steps + 1):
-        if step in eval_steps and not (cfg.resume and step == start):
+        if step in eval_steps and not (checkpoint and step == start):
             common.evaluate_and_log(model, cfg, step, probes, run, timer,
                                     lambda: common.save_checkpoint(run, model, optimizer, step, generators))
         if step == cfg.steps:
             break
-        with timer("train"):
-            idx = torch.randint(len(x_train), (cfg.batch_size,), device=device, generator=sample_gen)
-            loss = mse_one_hot(model(x_train[idx]), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        timer.heartbeat(step + 1, start, cfg.steps)
+        idx = torch.randint(len(x_train), (cfg.batch_size,), device=device, generator=sample_gen)
+        loss = mse_one_hot(model(x_train[idx]), y_train[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        timer.heartbeat(step + 1, start, cfg.steps, eval_steps)
     return common.finish_run(run, timer, cfg.steps - start)
 
 

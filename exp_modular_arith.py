@@ -38,12 +38,13 @@ class Config:
     steps: int = 10_000  # full-batch optimisation steps
     lr: float = 3e-3  # AdamW learning rate
     weight_decay: float = 1.0  # AdamW weight decay: large, as grokking needs
+    compile: bool = False  # torch.compile the training step's model (CUDA graphs on a GPU)
     evals: int = 40  # number of log-spaced evaluation steps
     lc_radius: float = 0.005  # radius r of the cross-polytope around each point
     lc_directions: int = 25  # P: the cross-polytope has 2P vertices
     lc_points: int = 1024  # points for LC (train, test and random each)
     lc_batch: int = 128  # points per LC forward (times 2P vertices)
-    pgd_eps: tuple = (0.01, 0.03, 0.05)  # L-inf radii on the relaxed one-hot input in [0, 1]
+    pgd_eps: tuple = (0.01, 0.03, 0.05)  # L-inf radii on the relaxed one-hot input in [0, 1] (keep well below 0.5)
     pgd_alpha: float = 0.0156  # PGD step size
     pgd_steps: int = 10  # PGD steps
     pgd_restarts: int = 1  # PGD random restarts (an example is robust if it survives all)
@@ -53,9 +54,12 @@ class Config:
     seed: int = 0  # seeds the model, the split and every measurement
     device: str = "auto"  # auto, cuda, mps or cpu
     out: str = "runs/modular_arith"  # run folder
-    resume: bool = False  # continue the run in --out from its last checkpoint
+    resume: bool = False  # continue the run in --out from its last checkpoint (its stored config)
     quick: bool = False  # a seconds-long run of the same code path (p=23, 300 steps, few points)
     CHOICES = {"model": ["mlp", "transformer"], "device": ["auto", "cuda", "mps", "cpu"]}
+    PRESETS = {("quick", True): dict(  # --quick: the same code path in seconds
+        p=23, train_frac=0.5, steps=300, evals=8, lc_points=64, pgd_points=64, lc_directions=8, pgd_steps=3,
+        rank_points=256, partition_resolution=64)}
 
 
 class OneLayerTransformer(nn.Module):
@@ -91,14 +95,16 @@ def make_model(cfg):
 
 
 def main(cfg):
-    if cfg.quick:
-        cfg = common.apply_quick(cfg, p=23, train_frac=0.5, steps=300, evals=8, lc_points=64, pgd_points=64,
-                                  lc_directions=8, pgd_steps=3,
-                                  rank_points=256, partition_resolution=64)
+    common.check_config(cfg)
+    n_train = int(cfg.train_frac * cfg.p ** 2)
+    if cfg.p < 3 or not 1 <= n_train < cfg.p ** 2:
+        common.die(f"--p {cfg.p} --train-frac {cfg.train_frac} leaves {n_train} training and {cfg.p ** 2 - n_train} "
+                   f"test pairs; use p >= 3 and a fraction that leaves both non-empty")
+    common.check_config(cfg, input_dim=2 * cfg.p)
     device = common.pick_device(cfg.device)
     common.seed_everything(cfg.seed)
     timer = common.Timer(device)
-    run = common.start_run(cfg.out, cfg, device, cfg.resume)
+    run, checkpoint = common.start_run(cfg.out, cfg, device)
 
     # data: every pair (a, b) as one-hot(a) ++ one-hot(b), split once with a seeded generator
     data_gen = torch.Generator().manual_seed(cfg.seed)
@@ -106,18 +112,14 @@ def main(cfg):
     x_all = torch.cat([F.one_hot(pairs[:, 0], cfg.p), F.one_hot(pairs[:, 1], cfg.p)], 1).float()
     y_all = (pairs[:, 0] + pairs[:, 1]) % cfg.p
     order = torch.randperm(len(pairs), generator=data_gen)
-    n_train = int(cfg.train_frac * len(pairs))
     x_train, y_train = x_all[order[:n_train]].to(device), y_all[order[:n_train]].to(device)
     x_test, y_test = x_all[order[n_train:]].to(device), y_all[order[n_train:]].to(device)
 
     model = make_model(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    pgd_gen = torch.Generator(device).manual_seed(cfg.seed + 1)  # PGD random starts (full batch: no sampling)
-    generators = {"pgd": pgd_gen}  # saved in checkpoints, so a resumed run is exact
-    start = 0
-    if cfg.resume:
-        start = common.load_checkpoint(run, model, optimizer, generators)
-        common.truncate_metrics(run, start)
+    train_model = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None) if cfg.compile else model
+    optimizer = common.make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generators = {}  # full batch: no sampling; PGD's starts are seeded by (seed, step)
+    start = common.restore(run, checkpoint, model, optimizer, generators) if checkpoint else 0
 
     # what every evaluation measures, fixed for the whole run (random points: uniform in the input box)
     probes = {"train": (x_train, y_train), "test": (x_test, y_test), "loss_fn": F.cross_entropy,
@@ -125,23 +127,22 @@ def main(cfg):
                             "random": torch.rand(cfg.lc_points, 2 * cfg.p, generator=data_gen).to(device)},
               "directions": common.random_directions(cfg.lc_directions, 2 * cfg.p, data_gen),
               "rank_x": x_test[:cfg.rank_points], "pgd_x": x_test[:cfg.pgd_points], "pgd_y": y_test[:cfg.pgd_points],
-              "pgd_gen": pgd_gen, "lo": 0.0, "hi": 1.0,
-              "anchors": x_train[torch.stack([(y_train == c).nonzero()[0, 0] for c in range(3)])]}
+              "seed": cfg.seed, "lo": 0.0, "hi": 1.0, "anchors": common.anchor_points(x_train, y_train)}
     eval_steps = common.log_steps(cfg.steps, cfg.evals)
     print(f"{run}: {sum(p.numel() for p in model.parameters())} parameters, {n_train} train pairs, device {device}")
 
+    timer.start_training()  # no host-device sync inside this loop: the evaluations sync once each
     for step in range(start, cfg.steps + 1):
-        if step in eval_steps and not (cfg.resume and step == start):
+        if step in eval_steps and not (checkpoint and step == start):
             common.evaluate_and_log(model, cfg, step, probes, run, timer,
                                     lambda: common.save_checkpoint(run, model, optimizer, step, generators))
         if step == cfg.steps:
             break
-        with timer("train"):
-            loss = F.cross_entropy(model(x_train), y_train)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        timer.heartbeat(step + 1, start, cfg.steps)
+        loss = F.cross_entropy(train_model(x_train), y_train)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        timer.heartbeat(step + 1, start, cfg.steps, eval_steps)
     return common.finish_run(run, timer, cfg.steps - start)
 
 

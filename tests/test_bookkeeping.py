@@ -24,10 +24,14 @@ def test_run_folder_metrics_csv_and_plot(tmp_path):
     @dataclasses.dataclass
     class Cfg:
         lr: float = 0.1
+        steps: int = 100
+        resume: bool = False
 
-    run = common.start_run(tmp_path / "run", Cfg(), torch.device("cpu"))
+    run, checkpoint = common.start_run(tmp_path / "run", Cfg(), torch.device("cpu"))
     info = json.loads((run / "config.json").read_text())
-    assert info["config"] == {"lr": 0.1} and info["torch"] == torch.__version__ and "command" in info
+    assert checkpoint is None
+    assert info["config"] == {"lr": 0.1, "steps": 100, "resume": False} and info["torch"] == torch.__version__
+    assert "command" in info and "git_commit" in info
     for step in (0, 1, 10, 100):
         common.log_metrics(run, {"step": step, "train_acc": 0.5, "test_acc": 0.4, "train_loss": 1.0, "test_loss": 2.0,
                                  "lc_train": 3.0, "lc_train_ci": 0.1, "pgd_acc_0.1": 0.2, "rank_1": 5, "erank_1": 4.5,
@@ -39,7 +43,8 @@ def test_run_folder_metrics_csv_and_plot(tmp_path):
     common.write_csv(run)
     lines = (run / "metrics.csv").read_text().splitlines()
     assert len(lines) == 5 and lines[0].startswith("step,train_acc")
-    with pytest.raises(SystemExit, match="already holds a run"):
+    (run / "checkpoint.pt").write_bytes(b"")  # a run with a checkpoint is never overwritten
+    with pytest.raises(SystemExit):
         common.start_run(run, Cfg(), torch.device("cpu"))
 
 
@@ -96,8 +101,8 @@ def test_region_ids_do_not_depend_on_batch_size():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 3))
     points = torch.randn(999, 5)
-    ids_a, cls_a = common.region_ids(model, points, (5,), batch_size=4096)
-    ids_b, cls_b = common.region_ids(model, points, (5,), batch_size=37)
+    ids_a, cls_a, _ = common.region_ids(model, points, (5,), batch_size=4096)
+    ids_b, cls_b, _ = common.region_ids(model, points, (5,), batch_size=37)
     assert torch.equal(ids_a, ids_b) and torch.equal(cls_a, cls_b)
     # and two points share an id exactly when their sign patterns agree
     pre1 = points @ model[0].weight.T + model[0].bias
@@ -118,3 +123,52 @@ def test_boundary_points_lie_between_two_classes():
         logits = model(bp)
         top2 = logits.topk(2, dim=1).values
     assert (top2[:, 0] - top2[:, 1]).max() < 1e-4  # the two best classes tie: the point is on the boundary
+
+
+def test_onset_thresholds_are_inclusive_and_searched_from_the_fit_step():
+    final = 0.5
+    records = [{"step": 0, "train_acc": 0.5, "test_acc": 0.1},
+               {"step": 10, "train_acc": 0.99, "test_acc": 0.99 * final},  # exactly at both thresholds
+               {"step": 20, "train_acc": 1.0, "test_acc": final}]
+    s = common.onset_summary(records)
+    assert s["train_acc_99_step"] == 10
+    assert s["test_acc_99pct_of_final_step"] == 10 and s["test_acc_delay_steps"] == 0
+
+
+def test_metrics_are_strict_json_and_nan_is_null(tmp_path):
+    common.log_metrics(tmp_path, {"step": 0, "train_loss": float("nan"), "test_loss": float("inf"), "train_acc": 0.1})
+    line = (tmp_path / "metrics.jsonl").read_text()
+    record = json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert record == {"step": 0, "train_loss": None, "test_loss": None, "train_acc": 0.1}
+    common.plot_run(tmp_path)  # nulls are skipped, not drawn
+
+
+def test_boundary_density_counts_the_lines_between_neighbouring_grid_points():
+    # one hidden layer in 2D: between two grid points, exactly the neurons whose line separates them flip
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(2, 7), nn.ReLU(), nn.Linear(7, 3))
+    n = 60
+    ticks = np.linspace(-1.0, 2.0, n)
+    b, a = np.meshgrid(ticks, ticks, indexing="ij")
+    points = torch.tensor(np.stack([a.ravel(), b.ravel()], 1), dtype=torch.float32)
+    w, bias = model[0].weight.detach().double().numpy(), model[0].bias.detach().double().numpy()
+    signs = (points.double().numpy() @ w.T + bias > 0).reshape(n, n, -1)
+    expected = np.zeros((n, n), int)
+    expected[:, :-1] += (signs[:, 1:] != signs[:, :-1]).sum(2)
+    expected[1:] += (signs[1:] != signs[:-1]).sum(2)
+    for batch in (37, 10_000):  # whole rows per batch, whatever is asked
+        _, _, flips = common.region_ids(model, points, (2,), batch_size=batch, row=n)
+        np.testing.assert_array_equal(flips.reshape(n, n).numpy(), expected)
+    assert expected.sum() > 2 * n  # several lines cross the grid
+
+
+def test_compare_draws_seeds_and_tabulates_their_spread(tmp_path):
+    for seed, (fit, final) in enumerate([(10, 0.8), (20, 0.9), (30, 1.0)]):
+        run = tmp_path / f"seed{seed}"
+        run.mkdir()
+        for step, tr, te in [(0, 0.1, 0.1), (fit, 1.0, final / 2), (100, 1.0, final)]:
+            common.log_metrics(run, {"step": step, "train_acc": tr, "test_acc": te, "lc_train": 3.0 + seed})
+    table = common.compare_runs([tmp_path / f"seed{i}" for i in range(3)], tmp_path / "fig.png")
+    assert "| train_acc_99_step | 10 | 20 | 30 | 20 | 10 - 30 |" in table
+    assert "| test_acc_final | 0.8 | 0.9 | 1 | 0.9 | 0.8 - 1 |" in table
+    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"

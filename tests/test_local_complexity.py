@@ -200,3 +200,62 @@ def test_a_relu_module_used_twice_counts_as_two_layers():
 
     lc = common.local_complexity(Twice(), torch.randn(9, 5), 0.5, common.random_directions(3, 5))
     assert lc.shape == (9, 2)
+
+
+def test_cut_rule_at_exact_zeros():
+    # vertices (+-1, 0) around the origin; pre-activations at the two vertices:
+    # dead (0, 0): never cut; (-2, 0) and (0, -2): the ReLU's output is 0 at both, not cut (the
+    # authors' sign rule counts them); (1, -1) and (1, 0): > 0 at one vertex, <= 0 at the other, cut
+    layer = nn.Linear(2, 5)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.0, 0], [-1, 0], [1, 0], [1, 0], [0.5, 0]]))
+        layer.bias.copy_(torch.tensor([0.0, -1, -1, 0, 0.5]))
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(5, 2))
+    x, v = torch.zeros(1, 2), torch.tensor([[1.0, 0.0]])
+    assert common.local_complexity(model, x, 1.0, v).tolist() == [[2]]
+    assert common.local_complexity(model, x, 1.0, v, zero_is_a_sign=True).tolist() == [[4]]
+
+
+def test_models_the_measurements_would_get_wrong_are_refused_or_flagged():
+    class Mixed(nn.Module):  # one nn.ReLU module and one F.relu: the second layer would be left out
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.relu = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2), nn.ReLU()
+
+        def forward(self, x):
+            return self.c(torch.nn.functional.relu(self.b(self.relu(self.a(x)))))
+
+    x, v = torch.randn(5, 4), common.random_directions(2, 4)
+    with pytest.raises(ValueError, match="calls relu as a function"):
+        common.local_complexity(Mixed(), x, 0.1, v)
+    with pytest.raises(ValueError, match="calls relu as a function"):
+        common.layer_ranks(Mixed(), x)
+
+    class Unused(nn.Module):  # an nn.ReLU that never runs
+        def __init__(self, used):
+            super().__init__()
+            self.a, self.b, self.relu, self.spare, self.used = nn.Linear(4, 6), nn.Linear(6, 2), nn.ReLU(), nn.ReLU(), used
+
+        def forward(self, x):
+            return self.b(self.relu(self.a(x)) if self.used else self.a(x))
+
+    with pytest.warns(UserWarning, match="1 of the 2 nn.ReLU modules of Unused never ran"):
+        assert common.local_complexity(Unused(True), x, 0.1, v).shape == (5, 1)
+    with pytest.raises(ValueError, match="no nn.ReLU module of Unused ran"):
+        common.local_complexity(Unused(False), x, 0.1, v)
+    with pytest.raises(ValueError, match="no nn.ReLU module of Unused ran"):
+        common.partition_picture(Unused(False), torch.randn(3, 4), "/dev/null", resolution=8)
+    pooled = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(18, 2))
+    with pytest.warns(UserWarning, match="also uses max_pool2d"):
+        common.local_complexity(pooled, torch.randn(2, 1, 8, 8), 0.1, common.random_directions(2, 64))
+
+
+def test_the_readme_snippet_runs_as_written(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    snippet = re.search(r"## Using `common.py` on your own model.*?```python\n(.*?)```", readme, re.S).group(1)
+    namespace = {}
+    monkeypatch.chdir(tmp_path)  # it writes regions.png
+    exec(compile(snippet, "README snippet", "exec"), namespace)
+    assert namespace["counts"].shape[1] == 2 and len(namespace["ranks"]) == 2 and (tmp_path / "regions.png").exists()

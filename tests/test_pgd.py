@@ -109,3 +109,70 @@ def test_sign_steps_equal_those_of_the_cross_entropy_on_moderate_logits():
     fooled_at_start = model(x.detach()).argmax(1) != y
     keep = ~fooled_at_start
     assert torch.equal(moved[keep], x.grad.sign()[keep])
+
+
+def test_box_limits_hold_for_the_random_start_and_every_step():
+    # images with many pixels exactly at 0 and 1, as real MNIST and CIFAR have: an unclamped start
+    # or step leaves [0, 1] there
+    model, x, y = trained_mlp()
+    x = (x > 0.5).float()
+    gen = torch.Generator().manual_seed(0)
+    for steps in (0, 1, 10):  # steps=0 returns the random start itself
+        x_adv = common.pgd_attack(model, x, y, eps=0.2, alpha=0.1, steps=steps, generator=gen)
+        assert x_adv.min() >= 0 and x_adv.max() <= 1, steps
+        assert (x_adv - x).abs().max() <= 0.2 + 1e-6
+
+
+def test_random_start_is_uniform_in_the_ball_and_drawn_from_the_generator():
+    model, x, y = trained_mlp()
+    state = torch.get_rng_state()
+    a = common.pgd_attack(model, x, y, eps=0.05, alpha=0.01, steps=0, generator=torch.Generator().manual_seed(1))
+    b = common.pgd_attack(model, x, y, eps=0.05, alpha=0.01, steps=0, generator=torch.Generator().manual_seed(1))
+    c = common.pgd_attack(model, x, y, eps=0.05, alpha=0.01, steps=0, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is not used
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    delta = (a - x).abs() / 0.05  # x lies inside the box, so no clamp: |delta| / eps ~ U[0, 1]
+    assert delta.max() <= 1 + 1e-5 and delta.max() > 0.99 and abs(delta.mean().item() - 0.5) < 0.02
+
+
+def band_model():
+    """1-D input; class 1 wins only on the band |x - 0.5| < 0.1 (logit1 - logit0 = 1 - 10 |x - 0.5|)."""
+    model = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        model[0].bias.copy_(torch.tensor([-0.5, 0.5]))
+        model[2].weight.copy_(torch.tensor([[10.0, 10.0], [0.0, 0.0]]))
+        model[2].bias.copy_(torch.tensor([0.0, 1.0]))
+    return model
+
+
+def test_the_first_iterate_that_fools_is_kept_not_the_last():
+    # from 0.2 with steps of 0.25: 0.45 is inside the band (fooled), 0.70 is past it (not fooled)
+    model, x, y = band_model(), torch.tensor([[0.2]]), torch.tensor([0])
+    x_adv = common.pgd_attack(model, x, y, eps=1.0, alpha=0.25, steps=2, random_start=False)
+    assert torch.allclose(x_adv, torch.tensor([[0.45]]))
+    assert common.pgd_accuracy(model, x, y, eps=1.0, alpha=0.25, steps=2, random_start=False) == 0.0
+
+
+def test_modes_statistics_and_tf32_left_alone():
+    # a model in train mode with one frozen (eval) BatchNorm: every submodule keeps its own mode
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    model.train()
+    model[1].eval()
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    seen = []
+    model[0].register_forward_hook(lambda *_: seen.append((torch.backends.cuda.matmul.allow_tf32,
+                                                           torch.backends.cudnn.allow_tf32)))
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        x, y = torch.rand(64, 10), torch.randint(0, 2, (64,))
+        common.pgd_accuracy(model, x, y, eps=0.1, alpha=0.02, steps=3, batch_size=16)
+        common.local_complexity(model, x, 0.1, common.random_directions(3, 10))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    assert [m.training for m in model] == [True, False, True, True]
+    assert all(torch.equal(before[k], t) for k, t in model.state_dict().items())
+    assert seen and all(flags == (False, False) for flags in seen)

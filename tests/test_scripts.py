@@ -43,10 +43,36 @@ def check_run_folder(run):
     assert config["config"]["quick"] is True and config["torch"]
 
 
-def test_modular_arith_quick(tmp_path):
-    run_script("exp_modular_arith.py", "--quick", "--out", tmp_path / "run")
-    check_run_folder(tmp_path / "run")
-    assert records(tmp_path / "run")[-1]["train_acc"] > 0.9  # it learns
+@pytest.fixture(scope="session")
+def suite(tmp_path_factory, mnist_dir, cifar_npz, image_folder):
+    """benchmarks/paper_suite.py --smoke: every script's --quick run through the suite's own code."""
+    out = tmp_path_factory.mktemp("suite")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "paper_suite.py"), "--smoke", "--device", "cpu",
+                           "--out", str(out), "--mnist5k", str(mnist_dir), "--mnist7k", str(mnist_dir),
+                           "--cifar", str(cifar_npz), "--imagenette", str(image_folder)],
+                          capture_output=True, text=True, env=ENV, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_paper_suite_smoke_runs_every_setting_and_tabulates_them(suite):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from paper_suite import SETTINGS
+    out, stdout = suite
+    table = (out / "suite.md").read_text().splitlines()
+    assert table[0].startswith("| setting | run | steps | steps/s | wall s | measuring | projected full run | paper |")
+    names = ["modular_arith", "mnist_mlp", "mnist_mlp_init8", "deep_mlp_rank", "cifar_cnn", "imagenette_resnet",
+             "cifar10_resnet"]
+    assert [line.split(" | ")[0][2:] for line in table[2:]] == names
+    for line, (_, _, _, _, paper) in zip(table[2:], SETTINGS):
+        assert "| smoke |" in line and f"| {paper} | test " in line  # the paper's numbers beside ours
+    assert stdout.rstrip().endswith(table[-1])  # the table is printed too
+
+
+def test_modular_arith_quick(suite):
+    run = suite[0] / "modular_arith"
+    check_run_folder(run)
+    assert records(run)[-1]["train_acc"] > 0.9  # it learns
 
 
 def test_modular_arith_transformer_quick(tmp_path):
@@ -54,74 +80,56 @@ def test_modular_arith_transformer_quick(tmp_path):
     check_run_folder(tmp_path / "run")
 
 
-def test_mnist_mlp_quick(tmp_path, mnist_dir):
-    run_script("exp_mnist_mlp.py", "--quick", "--no-download", "--data-dir", mnist_dir, "--out", tmp_path / "run")
-    check_run_folder(tmp_path / "run")
+def test_mnist_mlp_quick(suite):
+    check_run_folder(suite[0] / "mnist_mlp")
+    config = json.loads((suite[0] / "mnist_mlp_init8" / "config.json").read_text())["config"]
+    assert config["init_scale"] == 8
 
 
-def test_deep_mlp_rank_quick(tmp_path, mnist_dir):
-    run_script("exp_deep_mlp_rank.py", "--quick", "--no-download", "--data-dir", mnist_dir, "--out", tmp_path / "run")
-    check_run_folder(tmp_path / "run")
-    assert "rank_5" in records(tmp_path / "run")[-1]  # a rank per hidden layer (depth 6 in quick mode)
+def test_deep_mlp_rank_quick(suite):
+    check_run_folder(suite[0] / "deep_mlp_rank")
+    assert "rank_5" in records(suite[0] / "deep_mlp_rank")[-1]  # a rank per hidden layer (depth 6 in quick mode)
 
 
-def test_cifar_cnn_quick(tmp_path, cifar_npz):
-    run_script("exp_cifar_cnn.py", "--quick", "--data-dir", cifar_npz, "--out", tmp_path / "run")
-    check_run_folder(tmp_path / "run")
+def test_cifar_cnn_quick(suite):
+    check_run_folder(suite[0] / "cifar_cnn")
+    config = json.loads((suite[0] / "cifar_cnn" / "config.json").read_text())
+    assert config["pixel_units"]["lc_radius"] == [round(0.005 * s, 6) for s in (0.2470, 0.2435, 0.2616)]
 
 
-def test_imagenette_resnet_quick(tmp_path, image_folder):
-    run_script("exp_imagenette_resnet.py", "--quick", "--no-download", "--data-dir", image_folder, "--out", tmp_path / "run")
-    check_run_folder(tmp_path / "run")
-    assert len([k for k in records(tmp_path / "run")[-1] if k.startswith("rank_")]) == 17  # every ReLU of ResNet18
-    assert (image_folder / "tensors_16px.pt").exists()  # decoded once, then cached
+def test_imagenette_resnet_quick(suite, image_folder):
+    run = suite[0] / "imagenette_resnet"
+    check_run_folder(run)
+    # torchvision's ResNet18: the stem's ReLU and one inplace ReLU module used twice in each of 8 blocks
+    assert len([k for k in records(run)[-1] if k.startswith("rank_")]) == 17
+    assert len(list(image_folder.glob("tensors_16px_*.pt"))) == 1  # decoded once, then cached
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["arch"] == "torchvision" and len(config["pixel_units"]["lc_radius"]) == 3
 
 
-def test_resume_continues_exactly(tmp_path, mnist_dir):
-    flags = ["--quick", "--no-download", "--data-dir", mnist_dir]
-    run_script("exp_mnist_mlp.py", *flags, "--steps", 150, "--out", tmp_path / "straight")
-    run_script("exp_mnist_mlp.py", *flags, "--steps", 60, "--out", tmp_path / "resumed")
-    refused = run_script("exp_mnist_mlp.py", *flags, "--steps", 60, "--out", tmp_path / "resumed", ok=False)
-    assert refused.returncode != 0 and "already holds a run" in refused.stderr  # no silent overwrite
-    run_script("exp_mnist_mlp.py", *flags, "--steps", 150, "--out", tmp_path / "resumed", "--resume")
-    a, b = records(tmp_path / "straight")[-1], records(tmp_path / "resumed")[-1]
-    assert a["step"] == b["step"] == 150
-    for key in a:  # same batches, same PGD starts, same weights: the same numbers
-        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+def test_cifar10_preact_resnet_quick(suite):
+    run = suite[0] / "cifar10_resnet"
+    check_run_folder(run)
+    assert len([k for k in records(run)[-1] if k.startswith("rank_")]) == 16  # 2 ReLUs x 8 blocks
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert (config["arch"], config["resolution"], config["lc_radius"], config["lc_batch"]) == ("preact", 32, 0.005, 32)
 
 
-def test_help_lists_every_field():
-    out = run_script("exp_cifar_cnn.py", "--help").stdout
-    for flag in ("--lc-radius", "--pgd-eps", "--train-size", "--quick", "--resume", "--data-dir"):
+def test_mnist_reads_the_distributions_gz_files_and_takes_fractions(tmp_path, mnist_dir):
+    import gzip
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (mnist_dir / "MNIST" / "raw").iterdir():
+        (raw / (f.name + ".gz")).write_bytes(gzip.compress(f.read_bytes()))
+    run_script("exp_mnist_mlp.py", "--quick", "--no-download", "--data-dir", tmp_path / "data", "--pgd-eps", "8/255",
+               "--out", tmp_path / "run")
+    assert "pgd_acc_0.0314" in records(tmp_path / "run")[-1]
+
+
+@pytest.mark.parametrize("script", ["exp_modular_arith.py", "exp_mnist_mlp.py", "exp_deep_mlp_rank.py",
+                                    "exp_cifar_cnn.py", "exp_imagenette_resnet.py"])
+def test_help_works_and_lists_every_field(script):
+    out = run_script(script, "--help").stdout
+    for flag in ("--lc-radius", "--pgd-eps", "--steps", "--quick", "--resume", "--out", "--seed"):
         assert flag in out
     assert "radius r of the cross-polytope" in out
-
-
-@pytest.mark.parametrize("args, message", [
-    (["exp_modular_arith.py", "--no-such-flag"], "unrecognized arguments"),
-    (["exp_modular_arith.py", "--model", "lstm"], "invalid choice"),
-    (["exp_mnist_mlp.py", "--no-download", "--data-dir", "/nonexistent/folder"], "not found in /nonexistent/folder"),
-    (["exp_cifar_cnn.py", "--data-dir", "/nonexistent/cifar.npz"], "does not exist"),
-    (["exp_imagenette_resnet.py", "--no-download", "--data-dir", "/nonexistent"], "no train/ and val/ image folders"),
-    (["exp_imagenette_resnet.py", "--resolution", "20"], "multiple of 8"),
-])
-def test_bad_input_gives_a_one_line_error(args, message, tmp_path):
-    proc = run_script(args[0], *args[1:], "--out", tmp_path / "run", ok=False)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert message in proc.stderr and len(proc.stderr.strip().splitlines()[-1]) > 20
-
-
-def test_wrong_image_size_is_refused(tmp_path):
-    path = tmp_path / "small.npz"
-    x = np.zeros((10, 28, 28, 3), np.uint8)
-    np.savez(path, x_train=x, y_train=np.zeros(10, np.uint8), x_test=x, y_test=np.zeros(10, np.uint8))
-    proc = run_script("exp_cifar_cnn.py", "--data-dir", path, "--out", tmp_path / "run", ok=False)
-    assert proc.returncode != 0 and "must be 32x32x3" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_nan_loss_stops_with_a_message_and_keeps_the_metrics(tmp_path, mnist_dir):
-    proc = run_script("exp_mnist_mlp.py", "--quick", "--no-download", "--data-dir", mnist_dir, "--init-scale", "1e30",
-                      "--out", tmp_path / "run", ok=False)
-    assert proc.returncode != 0 and "training loss is" in proc.stderr and "Traceback" not in proc.stderr
-    assert records(tmp_path / "run")[0]["step"] == 0
-    assert (tmp_path / "run" / "metrics.png").exists()

@@ -1,0 +1,143 @@
+"""The paper-scale settings back to back, within a time budget, with one table of speed and results.
+
+Runs each script at its default (paper) setting into results/gpu/<setting>/ (the ResNets, too
+long for one budget, as a measured slice with the full run's time projected from it), then prints
+one table: steps/s, wall time, the fraction of it spent measuring, and each setting's headline
+numbers next to the paper's (SPEC section 4). A setting that would not fit the budget left is
+shortened (fewer steps, said in the table) or skipped (said too).
+
+    python benchmarks/paper_suite.py --budget-minutes 9              # one GPU (targets: H100/H200)
+    python benchmarks/paper_suite.py --smoke --out /tmp/suite        # the same code, tiny, on CPU
+
+Data (offline defaults; the scripts download the real sets when given a --data-dir that lacks
+them): MNIST as the 5,000/5,000 and 7,000/3,000 splits of the real MNIST test set (RESULTS.md
+shows how to make them), CIFAR-10 as the 10k/2k subset .npz (a stand-in for the full set),
+Imagenette as any train/ + val/ class-folder tree (skipped when absent).
+"""
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# name, script, flags, target seconds of the full default run on one H100/H200 (None: too long for a
+# budget, so a slice of --slice-steps steps is timed and the full run projected), paper's headline
+SETTINGS = [
+    ("modular_arith", "exp_modular_arith.py", [], 15, "MLP: train 100% by ~200 steps, test 100% at 1.3-2k"),
+    ("mnist_mlp", "exp_mnist_mlp.py", ["--data", "mnist5k"], 30,
+     "Fig. 2: test ~91%; PGD eps=0.06 ~25% to 1e4, ~61% at 1e5; train LC 4.9 -> 0.14"),
+    ("mnist_mlp_init8", "exp_mnist_mlp.py", ["--data", "mnist5k", "--init-scale", "8"], 30,
+     "x8: test ~15% to 1e4, ~89% at 1e5; weight norm 92 -> 52"),
+    ("deep_mlp_rank", "exp_deep_mlp_rank.py", ["--data", "mnist7k"], 60,
+     "12x400, N=7000: second surge of test acc; deep-layer rank tunnel (< 300)"),
+    ("cifar_cnn", "exp_cifar_cnn.py", ["--data", "cifar"], 240,
+     "Fig. 6a: test ~70%; PGD ~10% to 5.6e4, ~70% at 2.6e5; LC 11.5 -> 8 -> 16 -> 7"),
+    ("imagenette_resnet", "exp_imagenette_resnet.py", ["--data", "imagenette"], None,
+     "Fig. 6c: LC very high during the ascent; delayed robustness"),
+    ("cifar10_resnet", "exp_imagenette_resnet.py", ["--dataset", "cifar10", "--data", "cifar"], None,
+     "Fig. 1: PGD (50/255) ~12-18% to 1e5, ~67% at 2e5, ~75% at 3.5e5; clean ~74-75%; LC 53 -> 41 -> 66 -> 36"),
+]
+
+
+def headline(run):
+    """Our numbers to set beside the paper's: final test accuracy, each PGD accuracy, LC train at
+    init / min / end, the steps of interpolation and of the test and PGD onsets, rank of the last
+    hidden layer at its min and end."""
+    summary = json.loads((run / "summary.json").read_text())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = records[-1]
+    parts = [f"test {last.get('test_acc', math.nan):.1%}"]
+    parts += [f"{k.replace('pgd_acc_', 'PGD ')} {v:.1%}" for k, v in last.items() if k.startswith("pgd_acc") and v is not None]
+    if "lc_train_init" in summary:
+        parts.append(f"LC {summary['lc_train_init']:.3g} -> min {summary['lc_train_min']:.3g} -> end "
+                     f"{summary['lc_train_end']:.3g}")
+    parts.append(f"fit {summary.get('train_acc_99_step')}, test onset {summary.get('test_acc_99pct_of_final_step')}")
+    ranks = sorted((k for k in last if k.startswith("rank_")), key=lambda k: int(k.split("_")[1]))
+    if ranks:
+        deep = [r[ranks[-1]] for r in records if r.get(ranks[-1]) is not None]
+        parts.append(f"{ranks[-1]} min {min(deep)} end {deep[-1]}")
+    return "; ".join(parts)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budget-minutes", type=float, default=9.0, help="wall-clock budget for the whole suite")
+    parser.add_argument("--out", default=str(REPO / "results" / "gpu"), help="parent folder of the run folders")
+    parser.add_argument("--device", default="auto", help="passed to every script")
+    parser.add_argument("--slice-steps", type=int, default=3000, help="steps of the timed ResNet slices")
+    parser.add_argument("--mnist5k", default=str(REPO / "data" / "mnist_real_5k5k"), help="MNIST root, 1000-image runs")
+    parser.add_argument("--mnist7k", default=str(REPO / "data" / "mnist_real_7k3k"), help="MNIST root, N=7000")
+    parser.add_argument("--cifar", default=str(REPO / "data" / "cifar10_subset.npz"), help="CIFAR-10 root or .npz")
+    parser.add_argument("--imagenette", default=str(REPO / "data" / "imagenette"), help="Imagenette folder")
+    parser.add_argument("--only", nargs="+", help="run only these settings")
+    parser.add_argument("--smoke", action="store_true", help="every setting with --quick: the same code, tiny, on CPU")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + 60 * args.budget_minutes
+    rows = []
+    for name, script, flags, target, paper in SETTINGS:
+        if args.only and name not in args.only:
+            continue
+        flags = list(flags)
+        if "--data" in flags:  # the suite's data option for this setting, as the script's --data-dir
+            data = flags.index("--data")
+            path = getattr(args, flags[data + 1])
+            flags[data:data + 2] = ["--data-dir", path] + (["--no-download"] if not path.endswith(".npz") else [])
+            if not Path(path).exists():
+                rows.append((name, f"skipped: no data at {path}", "", "", "", "", "", paper))
+                continue
+        left = deadline - time.time()
+        steps_flag, mode = [], "full"
+        if args.smoke:
+            steps_flag, mode = ["--quick"], "smoke"
+        elif target is None:
+            steps_flag, mode = ["--steps", str(args.slice_steps), "--evals", "3"], "slice"
+        elif left < 0.2 * target:
+            rows.append((name, f"skipped: {left:.0f} s left of the budget, ~{target} s needed", "", "", "", "", "", paper))
+            continue
+        elif left < 1.2 * target:
+            default_steps = {"modular_arith": 10_000, "cifar_cnn": 260_000}.get(name, 100_000)
+            steps = int(default_steps * left / (1.3 * target))
+            steps_flag, mode = ["--steps", str(steps)], f"shortened to {steps} steps (budget)"
+        run = out / name
+        cmd = [sys.executable, str(REPO / script), "--device", args.device, "--out", str(run), *flags, *steps_flag]
+        if (run / "checkpoint.pt").exists():
+            cmd.append("--resume")
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        started = time.time()
+        try:
+            proc = subprocess.run(cmd, timeout=max(left, 60) if not args.smoke else 600)
+            status = mode if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+        except subprocess.TimeoutExpired:
+            status = "stopped at the budget (metrics so far kept)"
+        wall = time.time() - started
+        summary_path = run / "summary.json"
+        if not summary_path.exists():
+            rows.append((name, status, "", "", f"{wall:.0f}", "", "", paper))
+            continue
+        summary = json.loads(summary_path.read_text())
+        t = summary.get("time", {})
+        config = json.loads((run / "config.json").read_text())["config"]
+        rate = t.get("train_steps_per_s") or math.nan
+        projected = ""
+        if mode == "slice":  # the full default schedule: training at the slice's rate, 40 evaluations at their cost
+            full_steps = 440_000 if "--dataset" in flags else 350_000
+            per_eval = sum(v for k, v in t.items() if k in ("eval_s", "rank_s", "lc_s", "pgd_s", "partition_s")) / 4
+            projected = f"{(full_steps / rate + 40 * per_eval) / 60:.0f} min"
+        rows.append((name, status, str(config["steps"]), f"{rate:.0f}", f"{t.get('wall_s', wall):.0f}",
+                     f"{t.get('measurement_fraction', math.nan):.0%}", projected, paper, headline(run)))
+    header = "| setting | run | steps | steps/s | wall s | measuring | projected full run | paper | ours |"
+    print("\n" + header + "\n" + "|---" * 9 + "|")
+    for row in rows:
+        print("| " + " | ".join((list(row) + [""] * 9)[:9]) + " |")
+    (out / "suite.md").write_text(header + "\n" + "|---" * 9 + "|\n" +
+                                  "".join("| " + " | ".join((list(r) + [""] * 9)[:9]) + " |\n" for r in rows))
+
+
+if __name__ == "__main__":
+    main()

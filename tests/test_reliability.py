@@ -1,0 +1,249 @@
+"""What a user can get wrong, through the command line as they type it: every bad flag and bad file
+gets one line and exit code 2 before anything is written; resume continues the same experiment
+exactly or refuses; a stopped, damaged or busy run folder is handled."""
+import dataclasses
+import fcntl
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import exp_cifar_cnn
+import exp_deep_mlp_rank
+import exp_imagenette_resnet
+import exp_mnist_mlp
+import exp_modular_arith
+from test_scripts import ENV, REPO, records, run_script
+
+SCRIPTS = [exp_modular_arith, exp_mnist_mlp, exp_deep_mlp_rank, exp_cifar_cnn, exp_imagenette_resnet]
+
+
+def refused(proc, message, out=None):
+    """Exit code 2, no traceback, the message on the last line, nothing created."""
+    assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1], proc.stderr
+    if out is not None:
+        assert not out.exists()
+
+
+# ------------------------------------------------------------------------ flags
+@pytest.mark.parametrize("args, message", [
+    (["exp_mnist_mlp.py", "--batch-size", "0"], "--batch-size 0: must be a positive whole number"),
+    (["exp_mnist_mlp.py", "--lc-radius", "0"], "--lc-radius 0.0: must be a finite number above 0"),
+    (["exp_mnist_mlp.py", "--pgd-eps", "0.03", "-0.3"], "every radius must be a finite number, 0 or more"),
+    (["exp_mnist_mlp.py", "--train-size", "-100"], "--train-size -100: must be 0 or more"),
+    (["exp_mnist_mlp.py", "--lr", "nan"], "--lr nan: must be a finite number above 0"),
+    (["exp_mnist_mlp.py", "--evals", "-3"], "--evals -3: must be a positive whole number"),
+    (["exp_mnist_mlp.py", "--lc-directions", "0"], "--lc-directions 0: must be a positive"),
+    (["exp_mnist_mlp.py", "--lc-directions", "785"], "at most the input dimension, 784"),
+    (["exp_deep_mlp_rank.py", "--rank-every", "0"], "--rank-every 0: must be a positive"),
+    (["exp_cifar_cnn.py", "--pgd-points", "0"], "--pgd-points 0: must be a positive"),
+    (["exp_cifar_cnn.py", "--device", "mps"], "no usable MPS device"),
+    (["exp_modular_arith.py", "--p", "2"], "leaves"),
+    (["exp_modular_arith.py", "--train-frac", "1"], "--train-frac 1.0: must be between 0 and 1"),
+    (["exp_imagenette_resnet.py", "--resolution", "20"], "multiple of 8"),
+    (["exp_mnist_mlp.py", "--pgd-eps", "eight"], "'eight' is not a number"),
+    (["exp_modular_arith.py", "--model", "lstm"], "invalid choice"),
+])
+def test_bad_flags_get_one_line_before_anything_is_written(args, message, tmp_path):
+    refused(run_script(args[0], *args[1:], "--out", tmp_path / "run", ok=False), message, tmp_path / "run")
+
+
+@pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
+def test_every_numeric_field_has_a_rule_that_refuses_nonsense(module):
+    cfg = common.parse_config(module.Config, [])
+    common.check_config(cfg)  # the defaults pass, and every field has a rule (else AssertionError)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, (bool, str)):
+            continue
+        bad = (-0.1,) if isinstance(value, tuple) else 1.5 if f.name == "train_frac" else -1 if isinstance(value, int) \
+            else math.nan
+        with pytest.raises(SystemExit) as stop:
+            common.check_config(dataclasses.replace(cfg, **{f.name: bad}))
+        assert stop.value.code == 2, f.name
+
+
+# ------------------------------------------------------------------------ data
+def npz(path, **change):
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.integers(0, 256, (40, 32, 32, 3)).astype(np.uint8), "y_train": rng.integers(0, 10, 40),
+              "x_test": rng.integers(0, 256, (20, 32, 32, 3)).astype(np.uint8), "y_test": rng.integers(0, 10, 20)}
+    np.savez(path, **{**arrays, **change})
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"y_train": np.full(40, 10)}, "train labels must lie in 0..9, found 10..10"),
+    ({"y_train": np.zeros((40, 1), np.int64)}, "train labels must be a 1-D array of integers"),
+    ({"y_test": np.zeros(19, np.int64)}, "20 test images but 19 labels"),
+    ({"x_train": np.random.default_rng(0).random((40, 32, 32, 3)).astype(np.float32)}, "expected uint8"),
+    ({"x_test": np.zeros((20, 28, 28, 3), np.uint8)}, "must be 32x32x3"),
+])
+def test_bad_cifar_npz_is_named_with_what_is_wrong(change, message, tmp_path):
+    path = npz(tmp_path / "bad.npz", **change)
+    refused(run_script("exp_cifar_cnn.py", "--data-dir", path, "--out", tmp_path / "run", ok=False), message,
+            tmp_path / "run")
+    assert str(path) in run_script("exp_cifar_cnn.py", "--data-dir", path, ok=False).stderr
+
+
+def test_garbage_npz_and_truncated_idx_are_named(tmp_path, mnist_dir):
+    (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 not really a zip file")
+    refused(run_script("exp_cifar_cnn.py", "--data-dir", tmp_path / "garbage.npz", "--out", tmp_path / "a", ok=False),
+            "garbage.npz: not a readable .npz file", tmp_path / "a")
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (mnist_dir / "MNIST" / "raw").iterdir():
+        (raw / f.name).write_bytes(f.read_bytes()[:-100] if f.name.startswith("t10k-images") else f.read_bytes())
+    refused(run_script("exp_mnist_mlp.py", "--no-download", "--data-dir", tmp_path / "mnist", "--out", tmp_path / "b",
+                       ok=False), "t10k-images-idx3-ubyte: 78316 bytes, but its header announces", tmp_path / "b")
+
+
+def test_missing_mnist_files_are_listed(tmp_path, mnist_dir):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train-images-idx3-ubyte").write_bytes((mnist_dir / "MNIST" / "raw" / "train-images-idx3-ubyte").read_bytes())
+    proc = run_script("exp_mnist_mlp.py", "--no-download", "--data-dir", tmp_path, "--out", tmp_path / "run", ok=False)
+    refused(proc, "found train-images-idx3-ubyte; missing train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                  "t10k-labels-idx1-ubyte (plain or .gz)", tmp_path / "run")
+    refused(run_script("exp_mnist_mlp.py", "--no-download", "--data-dir", mnist_dir, "--train-size", "400",
+                       "--out", tmp_path / "run", ok=False), "the data hold 300 training examples", tmp_path / "run")
+
+
+def test_bad_image_folders_are_named(tmp_path, image_folder):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(image_folder, broken, ignore=shutil.ignore_patterns("*.pt"))
+    (broken / "train" / "n01440764" / "img0.JPEG").write_bytes(b"\xff\xd8\xff not a jpeg")
+    refused(run_script("exp_imagenette_resnet.py", "--no-download", "--data-dir", broken, "--out", tmp_path / "a",
+                       ok=False), "img0.JPEG: not a readable image", tmp_path / "a")
+    empty = tmp_path / "empty"
+    shutil.copytree(image_folder, empty, ignore=shutil.ignore_patterns("*.pt"))
+    for f in (empty / "val" / "n02979186").iterdir():
+        f.unlink()
+    refused(run_script("exp_imagenette_resnet.py", "--no-download", "--data-dir", empty, "--out", tmp_path / "b",
+                       ok=False), "n02979186", tmp_path / "b")
+
+
+def test_imagenette_cache_follows_the_folder_survives_damage_and_read_only(tmp_path, image_folder, monkeypatch):
+    import shutil
+    from PIL import Image
+    root = tmp_path / "images"
+    shutil.copytree(image_folder, root, ignore=shutil.ignore_patterns("*.pt"))
+    cfg = exp_imagenette_resnet.Config(data_dir=str(root), download=False, resolution=16)
+    _, y_train, _, _ = exp_imagenette_resnet.load_imagenette(cfg)
+    first = list(root.glob("tensors_16px_*.pt"))
+    assert len(first) == 1 and int(y_train.max()) == 2
+    for split in ("train", "val"):  # a new class folder: a new cache, four classes
+        (root / split / "n03000684").mkdir()
+        Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / split / "n03000684" / "a.JPEG")
+    _, y_train, _, _ = exp_imagenette_resnet.load_imagenette(cfg)
+    assert int(y_train.max()) == 3 and len(list(root.glob("tensors_16px_*.pt"))) == 2
+    newest = max(root.glob("tensors_16px_*.pt"), key=lambda p: p.stat().st_mtime_ns)
+    newest.write_bytes(newest.read_bytes()[:100])  # a damaged cache is decoded again
+    assert int(exp_imagenette_resnet.load_imagenette(cfg)[1].max()) == 3
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(30, "Read-only file system")
+
+    newest.unlink()
+    monkeypatch.setattr(torch, "save", read_only)
+    with pytest.warns(UserWarning, match="cannot cache the decoded images"):
+        assert int(exp_imagenette_resnet.load_imagenette(cfg)[1].max()) == 3
+
+
+# ------------------------------------------------------------------------ resume, stopped and busy folders
+QUICK_MNIST = ["--quick", "--no-download", "--steps", "3000"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, mnist_dir):
+    """An uninterrupted quick run of 3000 steps (evaluations at 0, 1, 5, 25, 122, 605, 3000)."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    run_script("exp_mnist_mlp.py", *QUICK_MNIST, "--data-dir", mnist_dir, "--out", out)
+    return out
+
+
+def test_kill_and_resume_gives_every_record_of_an_uninterrupted_run(tmp_path, mnist_dir, straight_run):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "exp_mnist_mlp.py"), "--device", "cpu", *QUICK_MNIST, "--data-dir",
+           str(mnist_dir), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (out / "checkpoint.pt").exists() or len(_lines(out)) < 4):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    assert len(_lines(out)) < len(records(straight_run))
+    run_script("exp_mnist_mlp.py", "--out", out, "--resume")  # the stored config: nothing retyped
+    a, b = records(straight_run), records(out)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert a == b  # every record, exactly: same batches, same PGD starts, same weights
+    pgd = [v for r in a for k, v in r.items() if k.startswith("pgd_acc")]
+    assert any(0 < v < 1 for v in pgd)  # PGD is not saturated, so a wrong PGD stream would show
+    resumed = json.loads((out / "config.json").read_text())["resumed"]
+    assert len(resumed) == 1 and resumed[0]["changed"] == {"resume": True}
+
+
+def _lines(out):
+    path = out / "metrics.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_a_longer_schedule_on_resume_gives_the_records_of_the_longer_run(tmp_path, mnist_dir, straight_run):
+    out = tmp_path / "run"
+    run_script("exp_mnist_mlp.py", *QUICK_MNIST, "--data-dir", mnist_dir, "--steps", "600", "--out", out)
+    run_script("exp_mnist_mlp.py", "--out", out, "--resume", "--steps", "3000")
+    straight = {r["step"]: r for r in records(straight_run)}
+    later = [r for r in records(out) if r["step"] > 600]
+    assert [r["step"] for r in later] == [605, 3000]
+    assert all(r == straight[r["step"]] for r in later)
+
+
+def test_resume_refuses_another_experiment_and_leaves_the_metrics(tmp_path, mnist_dir):
+    out = tmp_path / "run"
+    run_script("exp_mnist_mlp.py", "--quick", "--no-download", "--data-dir", mnist_dir, "--steps", "20", "--out", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    proc = run_script("exp_mnist_mlp.py", "--out", out, "--resume", "--seed", "1", "--lr", "0.01", ok=False)
+    refused(proc, "holds a run with --seed 0, --lr 0.001 (given: 1, 0.01)")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    refused(run_script("exp_mnist_mlp.py", "--quick", "--no-download", "--data-dir", mnist_dir, "--out", out, ok=False),
+            "already holds a run; pass --resume")
+
+
+def test_a_run_that_stopped_before_its_checkpoint_starts_again_in_its_folder(tmp_path, mnist_dir):
+    out = tmp_path / "run"
+    flags = ["--quick", "--no-download", "--data-dir", mnist_dir, "--out", out]
+    proc = run_script("exp_mnist_mlp.py", *flags, "--init-scale", "1e30", ok=False)
+    refused(proc, "training loss is nan at step 0; lower --lr")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0], parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))["train_loss"] is None
+    assert (out / "metrics.png").exists() and not (out / "checkpoint.pt").exists()
+    run_script("exp_mnist_mlp.py", *flags, "--steps", "20")  # same folder, nothing deleted by hand
+    assert json.loads((out / "config.json").read_text())["config"]["init_scale"] == 1.0
+    assert (out / "metrics.failed.jsonl").read_text().splitlines() == lines
+    assert records(out)[-1]["step"] == 20
+
+
+def test_a_busy_folder_and_a_damaged_checkpoint_are_refused(tmp_path, mnist_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write("4242")
+        lock.flush()
+        refused(run_script("exp_mnist_mlp.py", "--quick", "--no-download", "--data-dir", mnist_dir, "--out", out,
+                           ok=False), "is in use by another process (pid 4242)")
+    assert not (out / "metrics.jsonl").exists()
+    run_script("exp_mnist_mlp.py", "--quick", "--no-download", "--data-dir", mnist_dir, "--steps", "5", "--out", out)
+    (out / "checkpoint.pt").write_bytes(b"\x80\x02 damaged")
+    refused(run_script("exp_mnist_mlp.py", "--out", out, "--resume", "--steps", "10", ok=False),
+            "checkpoint.pt is damaged or not a checkpoint")
