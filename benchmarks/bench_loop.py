@@ -1,6 +1,7 @@
 """Training steps per second: the scripts' loop (data on the device as tensors, batches drawn by
 indexing) against the plain torchvision + DataLoader loop of the same model and batch size, and
-torch.compile on and off, for the MNIST MLP and the CIFAR CNN.
+torch.compile on and off, for the MNIST MLP and the CIFAR CNN; on a GPU also against the floor, the
+whole step captured as one CUDA graph ("/floor": the scripts' loop over it; target >= 0.8).
 
     python benchmarks/bench_loop.py                 # CPU (and GPU when there is one)
     python benchmarks/bench_loop.py --compile       # also time torch.compile (slow to compile)
@@ -26,7 +27,8 @@ import exp_mnist_mlp  # noqa: E402
 
 
 def tensor_loop(model, x, y, batch, steps, device, loss_fn):
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    """The scripts' loop: batches drawn on the device by a device generator, fused Adam, no sync."""
+    opt = common.make_optimizer(torch.optim.Adam, model.parameters(), lr=1e-3)
     gen = torch.Generator(device).manual_seed(0)
     for i in range(steps + 5):
         if i == 5:  # warm-up done
@@ -37,6 +39,38 @@ def tensor_loop(model, x, y, batch, steps, device, loss_fn):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    common.sync(device)
+    return steps / (time.perf_counter() - t)
+
+
+def captured_loop(model, x, y, batch, steps, device, loss_fn):
+    """The floor on a GPU: the whole step (batch draw, forward, backward, Adam) captured once as a
+    CUDA graph and replayed, so no Python or launch overhead is left. CUDA only."""
+    opt = torch.optim.Adam(model.parameters(), 1e-3, capturable=True)
+    static_x, static_y = x[:batch].clone(), y[:batch].clone()
+
+    def step():
+        idx = torch.randint(len(x), (batch,), device=device)  # the default CUDA generator is graph-safe
+        static_x.copy_(x[idx])
+        static_y.copy_(y[idx])
+        loss = loss_fn(model(static_x), static_y)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(5):  # warm-up on a side stream, as graph capture requires
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    common.sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
     common.sync(device)
     return steps / (time.perf_counter() - t)
 
@@ -90,7 +124,7 @@ def main():
                 "cifar_cnn": (exp_cifar_cnn.make_model, exp_cifar_cnn.Config(), (3, 32, 32), 128, F.cross_entropy)}
     print(f"torch {torch.__version__}, {args.steps} timed steps, steps/s (ratio: tensor loop / best DataLoader)")
     print(f"{'model':<10} {'device':<7} {'threads':>7} {'tensor loop':>12} {'DataLoader w=0':>15} {'DataLoader w=2':>15} "
-          f"{'ratio':>6} {'compiled':>9}")
+          f"{'ratio':>6} {'compiled':>9} {'captured':>9} {'/floor':>8}")
     for name, (make, cfg, shape, batch, loss_fn) in settings.items():
         for device, threads in runs:
             torch.set_num_threads(threads)
@@ -99,11 +133,13 @@ def main():
             fast = tensor_loop(make(cfg).to(device), x, y, batch, args.steps, device, loss_fn)
             plain0 = dataloader_loop(make(cfg).to(device), shape, batch, args.steps, device, loss_fn, 0)
             plain2 = dataloader_loop(make(cfg).to(device), shape, batch, args.steps, device, loss_fn, 2)
-            compiled = float("nan")
+            compiled = captured = float("nan")
             if args.compile:
                 compiled = tensor_loop(torch.compile(make(cfg).to(device)), x, y, batch, args.steps, device, loss_fn)
+            if device.type == "cuda":
+                captured = captured_loop(make(cfg).to(device), x, y, batch, args.steps, device, loss_fn)
             print(f"{name:<10} {device.type:<7} {threads:>7} {fast:>12.1f} {plain0:>15.1f} {plain2:>15.1f} "
-                  f"{fast / max(plain0, plain2):>6.2f} {compiled:>9.1f}")
+                  f"{fast / max(plain0, plain2):>6.2f} {compiled:>9.1f} {captured:>9.1f} {fast / captured:>8.2f}")
 
 
 if __name__ == "__main__":
