@@ -191,6 +191,19 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+def pixel_units(cfg, std):
+    """cfg's radii, given in units of the normalised input, per channel in [0, 1] pixels (r * std_c):
+    printed, and returned for config.json."""
+    def to_pixels(r):
+        return [float(f"{r * s:.4g}") for s in std]
+
+    units = {"lc_radius": to_pixels(cfg.lc_radius), "pgd_eps": [to_pixels(e) for e in cfg.pgd_eps],
+             "pgd_alpha": to_pixels(cfg.pgd_alpha)}
+    print(f"radii in normalised units; per channel in [0, 1] pixels: LC r {units['lc_radius']}, PGD eps "
+          f"{units['pgd_eps']}, alpha {units['pgd_alpha']}")
+    return units
+
+
 # ----------------------------------------------------------------------------- local complexity
 def random_directions(n, dim, generator=None):
     """n orthonormal rows in R^dim (QR of a Gaussian), float32 on CPU. Use a dedicated
@@ -505,9 +518,9 @@ def partition_picture(model, anchors, path, resolution=300, margin=0.5, batch_si
     The plane is x(a, b) = x0 + a (x1 - x0) + b (x2 - x0) for a, b in [-margin, 1 + margin]. Every
     grid point gets its activation pattern (the signs at every ReLU input, see region_ids).
     Left: the regions, each in its own colour, edges (neighbouring grid points with different
-    patterns) in dark grey. Right: the boundary density, the number of neurons whose sign differs
-    between a grid point and its neighbours (log scale): it stays readable where the regions are
-    finer than the grid (CNNs), showing where the partition is dense. The decision boundary
+    patterns) in dark grey. Right: the boundary density, the mean number of neurons whose sign
+    differs between a grid point and its right and upper neighbours (bright: dense; colours span the
+    2nd to 98th percentile): it stays readable where the regions are finer than the grid (CNNs). The decision boundary
     (where the predicted class changes) is red in both, the anchors are dots.
     Returns the number of distinct regions seen on the grid (a lower bound of the true count)."""
     import matplotlib
@@ -533,11 +546,16 @@ def partition_picture(model, anchors, path, resolution=300, margin=0.5, batch_si
     _, inverse = torch.unique(ids, return_inverse=True)
     regions = (0.75 + 0.25 * rng.random((n_regions, 3)))[inverse.numpy()]
     regions[edges(ids)] = 0.15
-    density = plt.get_cmap("Greys")(np.log1p(flips.double().numpy()) / max(np.log1p(flips.max().item()), 1e-9))[..., :3]
+    neighbours = torch.full(flips.shape, 2.0)  # the last column has no right and the first row no upper neighbour
+    neighbours[:, -1] -= 1
+    neighbours[0] -= 1
+    per_edge = (flips / neighbours.clamp(min=1)).numpy()
+    low, high = np.percentile(per_edge, [2, 98])
+    density = plt.get_cmap("viridis")(np.clip((per_edge - low) / max(high - low, 1e-9), 0, 1))[..., :3]
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.3))
     extent = (-margin, 1 + margin, -margin, 1 + margin)
     for ax, img, what in ((axes[0], regions, f"{n_regions} regions on the grid"),
-                          (axes[1], density, f"boundary density (up to {int(flips.max())} neurons flip)")):
+                          (axes[1], density, f"boundary density: {low:.3g} to {high:.3g} neurons flip per grid step")):
         img[edges(cls)] = (0.85, 0.0, 0.0)
         ax.imshow(img, origin="lower", extent=extent, interpolation="nearest")
         ax.scatter([0, 1, 0], [0, 0, 1], c="tab:blue", s=30, zorder=3)
@@ -1167,10 +1185,11 @@ def plot_runs(runs, path, title):
     return [panel for panel, _, _ in panels]
 
 
-def compare_runs(folders, path):
+def compare_runs(folders, path, at=(), keys=()):
     """Runs of one setting (seeds) or of a sweep in one figure (see plot_runs) and a table of their
-    onsets and final values: per quantity, each run's value, the mean and the range. Returns the
-    table as markdown."""
+    onsets and final values: per quantity, each run's value, the mean and the range. at and keys
+    add rows: each key's value at the logged step nearest each step of at (in log distance).
+    Returns the table as markdown."""
     runs = {}
     for folder in folders:
         records = read_metrics(folder)
@@ -1179,6 +1198,10 @@ def compare_runs(folders, path):
         runs[str(folder)] = records
     plot_runs(runs, path, ", ".join(Path(f).name for f in folders) if len(folders) <= 3 else f"{len(folders)} runs")
     summaries = [onset_summary(records) for records in runs.values()]
+    for summary, records in zip(summaries, runs.values()):
+        for step in at:
+            near = min(records, key=lambda r: abs(math.log((r["step"] or 0.5) / step)))
+            summary.update({f"{k} at ~{step:g} (step {near['step']})": near.get(k) for k in keys})
     lines = ["| quantity | " + " | ".join(Path(f).name for f in folders) + " | mean | min - max |",
              "|---" * (len(folders) + 3) + "|"]
     for key in dict.fromkeys(k for s in summaries for k in s):
@@ -1198,8 +1221,10 @@ if __name__ == "__main__":
                                                      "table of onsets with their spread")
         parser.add_argument("runs", nargs="+", help="run folders")
         parser.add_argument("--out", default="compare.png", help="the figure (PNG)")
+        parser.add_argument("--at", type=float, nargs="*", default=[], help="steps at which to tabulate --keys")
+        parser.add_argument("--keys", nargs="*", default=[], help="metrics to tabulate at --at steps")
         args = parser.parse_args(sys.argv[2:])
-        print(compare_runs(args.runs, args.out))
+        print(compare_runs(args.runs, args.out, args.at, args.keys))
         print(f"figure: {args.out}")
     else:
         # python common.py RUN [RUN ...]: redraw metrics.png and metrics.csv of run folders (also

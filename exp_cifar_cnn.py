@@ -89,12 +89,7 @@ def main(cfg):
         x_train, y_train, x_test, y_test = common.load_cifar10(cfg.data_dir, cfg.download)
     subset = common.take_train_subset(cfg, len(x_train), data_gen)
     std = torch.tensor(STD).reshape(3, 1, 1)
-    pixel_units = {"lc_radius": [round(cfg.lc_radius * s, 6) for s in STD],
-                   "pgd_eps": [[round(e * s, 6) for s in STD] for e in cfg.pgd_eps],
-                   "pgd_alpha": [round(cfg.pgd_alpha * s, 6) for s in STD]}
-    run, checkpoint = common.start_run(cfg.out, cfg, device, {"pixel_units": pixel_units})
-    print(f"radii in normalised units; per channel in [0, 1] pixels: LC r {pixel_units['lc_radius']}, PGD eps "
-          f"{pixel_units['pgd_eps']}, alpha {pixel_units['pgd_alpha']}")
+    run, checkpoint = common.start_run(cfg.out, cfg, device, {"pixel_units": common.pixel_units(cfg, STD)})
     # the data lives on the device as float tensors in [0, 1], NCHW; batches are drawn by indexing
     x_train = x_train[subset].permute(0, 3, 1, 2).float().div(255).to(device)
     y_train = y_train[subset].to(device)

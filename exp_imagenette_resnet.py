@@ -211,12 +211,7 @@ def main(cfg):
         x_train, y_train, x_test, y_test = load_data(cfg)
     n_classes = int(y_train.max()) + 1
     mean, std = NORMALISATION[cfg.dataset]
-    pixel_units = {"lc_radius": [round(cfg.lc_radius * s, 7) for s in std],
-                   "pgd_eps": [[round(e * s, 6) for s in std] for e in cfg.pgd_eps],
-                   "pgd_alpha": [round(cfg.pgd_alpha * s, 6) for s in std]}
-    run, checkpoint = common.start_run(cfg.out, cfg, device, {"pixel_units": pixel_units})
-    print(f"radii in normalised units; per channel in [0, 1] pixels: LC r {pixel_units['lc_radius']}, PGD eps "
-          f"{pixel_units['pgd_eps']}, alpha {pixel_units['pgd_alpha']}")
+    run, checkpoint = common.start_run(cfg.out, cfg, device, {"pixel_units": common.pixel_units(cfg, std)})
     # the training data lives on the device as uint8 (4x smaller); each batch becomes float in [0, 1] there
     x_train, y_train = x_train.to(device), y_train.to(device)
     test_order = torch.randperm(len(x_test), generator=data_gen)  # folders are sorted by class

@@ -168,7 +168,8 @@ def test_compare_draws_seeds_and_tabulates_their_spread(tmp_path):
         run.mkdir()
         for step, tr, te in [(0, 0.1, 0.1), (fit, 1.0, final / 2), (100, 1.0, final)]:
             common.log_metrics(run, {"step": step, "train_acc": tr, "test_acc": te, "lc_train": 3.0 + seed})
-    table = common.compare_runs([tmp_path / f"seed{i}" for i in range(3)], tmp_path / "fig.png")
+    table = common.compare_runs([tmp_path / f"seed{i}" for i in range(3)], tmp_path / "fig.png", at=[90], keys=["lc_train"])
+    assert "| lc_train at ~90 (step 100) | 3 | 4 | 5 | 4 | 3 - 5 |" in table  # the logged step nearest 90
     assert "| train_acc_99_step | 10 | 20 | 30 | 20 | 10 - 30 |" in table
     assert "| test_acc_final | 0.8 | 0.9 | 1 | 0.9 | 0.8 - 1 |" in table
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
