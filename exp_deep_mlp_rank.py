@@ -47,6 +47,7 @@ class Config:
     batch_size: int = 200  # training batch
     lr: float = 1e-3  # AdamW learning rate
     weight_decay: float = 0.01  # AdamW weight decay
+    compile: bool = False  # torch.compile the training step's model (CUDA graphs on a GPU)
     evals: int = 30  # number of log-spaced evaluation steps (every measure)
     rank_every: int = 3000  # also every this many steps: accuracy, rank and weight norm (the paper's rank curve)
     lc_radius: float = 0.05  # radius r of the cross-polytope, pixel units (0.05 matches Fig. 2 at init)
@@ -102,6 +103,7 @@ def main(cfg):
     x_test, y_test = x_test.unsqueeze(1).float().div(255).to(device), y_test.to(device)
 
     model = make_model(cfg).to(device)
+    train_model = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None) if cfg.compile else model
     optimizer = common.make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sample_gen = torch.Generator(device).manual_seed(cfg.seed + 2)  # draws the training batches
     generators = {"sample": sample_gen}  # saved in checkpoints, so a resumed run is exact
@@ -128,7 +130,7 @@ def main(cfg):
         if step == cfg.steps:
             break
         idx = torch.randint(len(x_train), (cfg.batch_size,), device=device, generator=sample_gen)
-        loss = mse_one_hot(model(x_train[idx]), y_train[idx])
+        loss = mse_one_hot(train_model(x_train[idx]), y_train[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -173,3 +173,9 @@ def test_compare_draws_seeds_and_tabulates_their_spread(tmp_path):
     assert "| train_acc_99_step | 10 | 20 | 30 | 20 | 10 - 30 |" in table
     assert "| test_acc_final | 0.8 | 0.9 | 1 | 0.9 | 0.8 - 1 |" in table
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_anchor_points_take_three_classes_or_the_first_three_inputs():
+    x = torch.arange(6.0).reshape(6, 1)
+    assert common.anchor_points(x, torch.tensor([2, 2, 0, 1, 1, 0])).flatten().tolist() == [2.0, 3.0, 0.0]
+    assert common.anchor_points(x, torch.tensor([1, 1, 0, 0, 1, 0])).flatten().tolist() == [0.0, 1.0, 2.0]
