@@ -14,10 +14,11 @@ range), alpha 4/255, 10 steps, random start, on 1024 test images.
 
     python exp_cifar_cnn.py                                    # 2.6e5 steps on the full CIFAR-10
     python exp_cifar_cnn.py --quick                            # seconds, the same code path
-    # CPU-scale setting (RESULTS.md), on the 10k-image subset of real CIFAR-10 images in a .npz,
-    # with measurement sizes that keep evaluations to about a fifth of the ~40 minutes on one core:
-    python exp_cifar_cnn.py --data-dir ../shared/data/cifar10_subset.npz --train-size 5000 --steps 20000 \
-        --evals 25 --lc-points 256 --lc-directions 10 --pgd-points 256 --rank-points 256 --partition-resolution 60
+    # CPU stand-in (RESULTS.md), on the 10k-image subset of real CIFAR-10 images in a .npz, with
+    # measurement sizes that keep evaluations to about a quarter of the run: 32 minutes on a third of
+    # a 2-core CPU (2.7 steps/s while sharing it; 10-15 steps/s on a free core, so ~10 minutes):
+    python exp_cifar_cnn.py --data-dir ../shared/data/cifar10_subset.npz --train-size 2000 --steps 4000 \
+        --evals 12 --lc-points 64 --lc-directions 10 --pgd-points 128 --rank-points 128 --partition-resolution 40
 
 Data: --data-dir is torchvision's root (<data-dir>/cifar-10-batches-py/, downloaded there unless
 --no-download) or an .npz file with x_train, y_train, x_test, y_test (uint8, N x 32 x 32 x 3).

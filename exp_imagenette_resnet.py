@@ -198,8 +198,8 @@ def make_model(cfg, n_classes):
 
 
 def main(cfg):
-    if cfg.dataset == "cifar10":
-        cfg = dataclasses.replace(cfg, resolution=32)
+    if cfg.dataset == "cifar10" and cfg.resolution != 32:
+        common.die(f"--resolution {cfg.resolution}: CIFAR-10 images are 32 px; drop --resolution (Imagenette only)")
     if cfg.resolution < 16 or cfg.resolution % 8:
         common.die(f"--resolution {cfg.resolution} must be a multiple of 8 and at least 16")
     common.check_config(cfg, input_dim=3 * cfg.resolution ** 2)
