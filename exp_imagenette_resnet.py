@@ -199,7 +199,9 @@ def make_model(cfg, n_classes):
 
 def main(cfg):
     if cfg.dataset == "cifar10" and cfg.resolution != 32:
-        common.die(f"--resolution {cfg.resolution}: CIFAR-10 images are 32 px; drop --resolution (Imagenette only)")
+        if not cfg.quick:  # --quick's small images are for Imagenette; CIFAR-10 stays at its 32 px
+            common.die(f"--resolution {cfg.resolution}: CIFAR-10 images are 32 px; drop --resolution (Imagenette only)")
+        cfg = dataclasses.replace(cfg, resolution=32)
     if cfg.resolution < 16 or cfg.resolution % 8:
         common.die(f"--resolution {cfg.resolution} must be a multiple of 8 and at least 16")
     common.check_config(cfg, input_dim=3 * cfg.resolution ** 2)

@@ -50,6 +50,7 @@ def refused(proc, message, out=None):
     (["exp_modular_arith.py", "--p", "2"], "leaves"),
     (["exp_modular_arith.py", "--train-frac", "1"], "--train-frac 1.0: must be between 0 and 1"),
     (["exp_imagenette_resnet.py", "--resolution", "20"], "multiple of 8"),
+    (["exp_imagenette_resnet.py", "--dataset", "cifar10", "--resolution", "64"], "CIFAR-10 images are 32 px"),
     (["exp_mnist_mlp.py", "--pgd-eps", "eight"], "'eight' is not a number"),
     (["exp_modular_arith.py", "--model", "lstm"], "invalid choice"),
 ])
