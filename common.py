@@ -70,6 +70,14 @@ def make_optimizer(cls, params, **kwargs):
         return cls(params, **kwargs)
 
 
+def compiled(model, enabled, device):
+    """--compile: the model for the training step through torch.compile, with CUDA graphs
+    (mode reduce-overhead) on a GPU; the model itself otherwise."""
+    if not enabled:
+        return model
+    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
 def seed_everything(seed):
     """Seeds torch's global RNGs (CPU and all GPUs) and numpy's legacy RNG."""
     torch.manual_seed(seed)

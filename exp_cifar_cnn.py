@@ -101,7 +101,7 @@ def main(cfg):
     model = make_model(cfg).to(device)
     if device.type == "cuda":  # NHWC convolutions: faster on tensor cores
         model, x_train = model.to(memory_format=torch.channels_last), x_train.to(memory_format=torch.channels_last)
-    train_model = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None) if cfg.compile else model
+    train_model = common.compiled(model, cfg.compile, device)
     optimizer = common.make_optimizer(torch.optim.Adam, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sample_gen = torch.Generator(device).manual_seed(cfg.seed + 2)  # draws the training batches
     generators = {"sample": sample_gen}  # saved in checkpoints, so a resumed run is exact

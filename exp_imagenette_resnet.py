@@ -212,7 +212,7 @@ def main(cfg):
     with timer("setup"):
         x_train, y_train, x_test, y_test = load_data(cfg)
     n_classes = int(y_train.max()) + 1
-    mean, std = NORMALISATION[cfg.dataset]
+    std = NORMALISATION[cfg.dataset][1]
     run, checkpoint = common.start_run(cfg.out, cfg, device, {"pixel_units": common.pixel_units(cfg, std)})
     # the training data lives on the device as uint8 (4x smaller); each batch becomes float in [0, 1] there
     x_train, y_train = x_train.to(device), y_train.to(device)
@@ -223,7 +223,7 @@ def main(cfg):
     model = make_model(cfg, n_classes).to(device)
     if device.type == "cuda":  # NHWC convolutions: faster on tensor cores
         model = model.to(memory_format=torch.channels_last)
-    train_model = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None) if cfg.compile else model
+    train_model = common.compiled(model, cfg.compile, device)
     optimizer = common.make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sample_gen = torch.Generator(device).manual_seed(cfg.seed + 2)  # draws the training batches
     generators = {"sample": sample_gen}  # saved in checkpoints, so a resumed run is exact

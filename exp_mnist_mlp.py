@@ -98,7 +98,7 @@ def main(cfg):
     x_test, y_test = x_test.unsqueeze(1).float().div(255).to(device), y_test.to(device)
 
     model = make_model(cfg).to(device)
-    train_model = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None) if cfg.compile else model
+    train_model = common.compiled(model, cfg.compile, device)
     optimizer = common.make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sample_gen = torch.Generator(device).manual_seed(cfg.seed + 2)  # draws the training batches
     generators = {"sample": sample_gen}  # saved in checkpoints, so a resumed run is exact

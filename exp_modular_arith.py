@@ -116,7 +116,7 @@ def main(cfg):
     x_test, y_test = x_all[order[n_train:]].to(device), y_all[order[n_train:]].to(device)
 
     model = make_model(cfg).to(device)
-    train_model = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None) if cfg.compile else model
+    train_model = common.compiled(model, cfg.compile, device)
     optimizer = common.make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generators = {}  # full batch: no sampling; PGD's starts are seeded by (seed, step)
     start = common.restore(run, checkpoint, model, optimizer, generators) if checkpoint else 0
