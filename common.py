@@ -212,6 +212,23 @@ def pixel_units(cfg, std):
     return units
 
 
+def _check_points(x, where):
+    """Inputs must be floating point and finite: uint8 images (0..255) would be measured as if in
+    [0, 1] and give nonsense without an error."""
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise ValueError(f"{where}: inputs must be a floating-point tensor (e.g. images as x.float() / 255), got "
+                         f"{x.dtype if torch.is_tensor(x) else type(x).__name__}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{where}: inputs contain NaN or infinite values")
+
+
+def _as_labels(y):
+    """Class labels of any integer dtype as int64 (one_hot, gather and cross_entropy need it)."""
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"labels must be integers, got {y.dtype}")
+    return y.long()
+
+
 # ----------------------------------------------------------------------------- local complexity
 def random_directions(n, dim, generator=None):
     """n orthonormal rows in R^dim (QR of a Gaussian), float32 on CPU. Use a dedicated
@@ -372,21 +389,48 @@ def weight_norm(model):
 
 
 # ----------------------------------------------------------------------------- PGD
+PGD_LOSSES = ("log1m", "ce32")
+
+
+def _check_radius(name, value):
+    t = torch.as_tensor(value, dtype=torch.float64)
+    if torch.isnan(t).any() or (t < 0).any():
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+
+
 def pgd_attack(model, x, y, eps, alpha, steps, random_start=True, restarts=1, lo=0.0, hi=1.0,
-               generator=None):
-    """L-infinity PGD on the cross-entropy (untargeted). Returns adversarial inputs with
-    |x_adv - x| <= eps and lo <= x_adv <= hi: for each example, the first iterate (of any step of
-    any restart) that fools the model, else the last iterate. So robust accuracy can only fall with more steps or
-    restarts. The model runs in eval mode and is left unchanged (no parameter, buffer or .grad).
+               generator=None, loss="log1m"):
+    """L-infinity PGD (untargeted) with sign steps of size alpha, projected on |x_adv - x| <= eps
+    and clamped to lo <= x_adv <= hi. Two losses, two questions:
 
-    The attack ascends log(1 - p_y), computed in float64 as logsumexp over the wrong classes minus
-    logsumexp over all: per example its input gradient is a positive multiple (p_y / (1 - p_y)) of
-    the cross-entropy's, so the sign steps are the same, but it does not vanish on very confident
-    logits, where the cross-entropy's gradient underflows to exactly zero (gradient masking).
+    loss="log1m" (the default) measures robustness. It ascends log(1 - p_y), in float64 as
+    logsumexp over the wrong classes minus logsumexp over all: per example its input gradient is a
+    positive multiple (p_y / (1 - p_y)) of the cross-entropy's, so the sign steps are the same, but
+    it does not vanish on confident logits. Each example keeps the first iterate (of any step of
+    any restart) that fools the model, else the last: robust accuracy can only fall with more
+    steps or restarts.
 
-    eps and alpha are numbers, or tensors that broadcast against one input (e.g. (C, 1, 1): a
-    radius per channel, for radii given in normalised units and applied in pixel space)."""
-    eps, alpha = (torch.as_tensor(t, dtype=x.dtype, device=x.device) for t in (eps, alpha))
+    loss="ce32" is the papers' attack (grok-adversarial attacks.py, as Humayun et al. evaluate):
+    sign steps on the float32 cross-entropy averaged over the attacked batch, the last iterate
+    scored. Once a point's margin z_y - max_j z_j passes ~90, float32 rounds 1 - p_y to 0 and its
+    input gradient is exactly zero; sign(0) = 0, so the point never moves and counts as robust
+    (gradient masking: see logit_margins, zero_grad_fraction). Where margins are small the two
+    attacks agree; where they are large, only "log1m" says how robust the model is. (The authors'
+    class has a random_start flag that it never reads: their attack starts at x. Here
+    random_start applies to both losses, so both start from the same points.)
+
+    The model runs in eval mode and is left unchanged (no parameter, buffer or .grad). eps, alpha,
+    lo and hi are numbers, or tensors that broadcast against one input (e.g. (C, 1, 1): a radius
+    or bound per channel, for radii given in normalised units and applied in pixel space).
+    Refuses (ValueError) a NaN or negative eps or alpha, inputs that are not floating point or not
+    finite, and an unknown loss."""
+    if loss not in PGD_LOSSES:
+        raise ValueError(f"loss must be one of {PGD_LOSSES}, got {loss!r}")
+    _check_points(x, "pgd_attack")
+    _check_radius("eps", eps)
+    _check_radius("alpha", alpha)
+    y = _as_labels(y)
+    eps, alpha, lo, hi = (torch.as_tensor(t, dtype=x.dtype, device=x.device) for t in (eps, alpha, lo, hi))
     if not eps.any():
         return x.clone()
     best = x.clone()
@@ -395,38 +439,72 @@ def pgd_attack(model, x, y, eps, alpha, steps, random_start=True, restarts=1, lo
         for _ in range(restarts):
             if random_start:
                 noise = torch.rand(x.shape, generator=generator, device=generator.device if generator else x.device)
-                x_adv = (x + eps * (2 * noise.to(x) - 1)).clamp(lo, hi)
+                x_adv = torch.clamp(x + eps * (2 * noise.to(x) - 1), lo, hi)
             else:
                 x_adv = x.clone()
             for step in range(steps + 1):
                 x_adv.requires_grad_(True)
                 logits = model(x_adv)
-                with torch.no_grad():  # keep the first iterate that fools the model (free: logits are here)
-                    newly = ~fooled & (logits.argmax(1) != y)
-                    best[newly] = x_adv[newly]
-                    fooled |= newly
-                if step == steps:  # not fooled yet: return the last iterate, the strongest try
-                    best[~fooled] = x_adv.detach()[~fooled]
+                if loss == "log1m" or step == steps:  # log1m: every iterate counts; ce32: only the last
+                    with torch.no_grad():  # (free: the logits are here)
+                        newly = ~fooled & (logits.argmax(1) != y)
+                        best[newly] = x_adv[newly]
+                        fooled |= newly
+                if step == steps:
                     break
-                z = logits.double()
-                log_wrong = z.masked_fill(F.one_hot(y, z.shape[1]).bool(), -math.inf).logsumexp(1) - z.logsumexp(1)
-                loss = log_wrong.sum()  # log(1 - p_y): see the docstring
-                grad, = torch.autograd.grad(loss, x_adv)
+                if loss == "ce32":
+                    objective = F.cross_entropy(logits.float(), y)  # float32, mean over the batch: the authors'
+                else:
+                    z = logits.double()
+                    log_wrong = z.masked_fill(F.one_hot(y, z.shape[1]).bool(), -math.inf).logsumexp(1) - z.logsumexp(1)
+                    objective = log_wrong.sum()  # log(1 - p_y): see the docstring
+                grad, = torch.autograd.grad(objective, x_adv)
                 with torch.no_grad():
                     x_adv = x_adv + alpha * grad.sign()
-                    x_adv = (x + (x_adv - x).clamp(-eps, eps)).clamp(lo, hi)
+                    x_adv = torch.clamp(x + (x_adv - x).clamp(-eps, eps), lo, hi)
+            best[~fooled] = x_adv.detach()[~fooled]  # not fooled by any restart: its last iterate
     return best.detach()
 
 
-def pgd_accuracy(model, x, y, eps, alpha, steps, batch_size=1024, **kwargs):
-    """Fraction of examples still classified correctly after pgd_attack (every restart)."""
+def pgd_accuracy(model, x, y, eps, alpha, steps, batch_size=None, loss="log1m", **kwargs):
+    """Fraction of examples still classified correctly after pgd_attack (every restart). Batches of
+    1024 for "log1m" (per-example, so the batch does not matter) and of 2048 for "ce32" (the mean
+    over the batch scales every gradient: 2048 is the authors' test batch)."""
+    batch_size = batch_size or (2048 if loss == "ce32" else 1024)
     correct = 0
     for i in range(0, len(x), batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        x_adv = pgd_attack(model, xb, yb, eps, alpha, steps, **kwargs)
+        xb, yb = x[i:i + batch_size], _as_labels(y[i:i + batch_size])
+        x_adv = pgd_attack(model, xb, yb, eps, alpha, steps, loss=loss, **kwargs)
         with torch.no_grad(), eval_mode(model), exact_float32():
             correct += (model(x_adv).argmax(1) == yb).sum().item()
     return correct / len(x)
+
+
+def logit_margins(model, x, y, batch_size=1024):
+    """z_y - max_{j != y} z_j per example (float64, on the CPU): > 0 where the model is right.
+    Multiplying the logits by k multiplies the margins by k."""
+    y = _as_labels(y)
+    out = []
+    with torch.no_grad(), eval_mode(model), exact_float32():
+        for i in range(0, len(x), batch_size):
+            z, yb = model(x[i:i + batch_size]).double(), y[i:i + batch_size]
+            other = z.masked_fill(F.one_hot(yb, z.shape[1]).bool(), -math.inf).amax(1)
+            out.append((z.gather(1, yb[:, None])[:, 0] - other).cpu())
+    return torch.cat(out)
+
+
+def zero_grad_fraction(model, x, y, batch_size=2048):
+    """Fraction of examples whose input gradient of the float32 cross-entropy, averaged over
+    batches of batch_size as the papers' attack computes it, is exactly zero at the clean point:
+    the points that attack cannot move (they count as robust whatever their true robustness)."""
+    y = _as_labels(y)
+    zero = 0
+    with eval_mode(model), exact_float32():
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].detach().clone().requires_grad_(True)
+            grad, = torch.autograd.grad(F.cross_entropy(model(xb).float(), y[i:i + batch_size]), xb)
+            zero += (grad.flatten(1) == 0).all(1).sum().item()
+    return zero / len(x)
 
 
 # ----------------------------------------------------------------------------- one evaluation
@@ -446,7 +524,10 @@ def measure(model, cfg, probes, timer, step, full=True):
     fixed for the run: train and test (x, y) tensors and loss_fn; lc_points, a dict of named point
     sets (train, test, random) and directions; rank_x; pgd_x, pgd_y, the input box lo, hi, seed,
     and optionally pgd_scale (multiplies eps and alpha: a per-channel tensor turns radii given in
-    normalised units into pixel units). LC (mean and 99% CI) is also taken at points on the
+    normalised units into pixel units) and ce32_box ((lo, hi) of the papers' attack, when its clamp
+    differs). Both attacks run at every eps from the same random starts (pgd_acc_<eps>: the
+    default, masking-free attack; pgd_ce32_acc_<eps>: the papers'), with the logit margins'
+    quantiles (margin_p10/p50/p90) and zero_grad_frac on the same points (see pgd_attack). LC (mean and 99% CI) is also taken at points on the
     decision boundary between test points. cfg names the settings: lc_radius, lc_batch, pgd_eps,
     pgd_alpha, pgd_steps, pgd_restarts. PGD's random starts come from a generator seeded by
     (seed, step), so a step's numbers do not depend on which steps were evaluated before it
@@ -466,26 +547,44 @@ def measure(model, cfg, probes, timer, step, full=True):
                 continue
             counts = local_complexity(model, pts, cfg.lc_radius, probes["directions"], cfg.lc_batch)
             rec[f"lc_{name}"], rec[f"lc_{name}_ci"] = lc_summary(counts)
-    with timer("pgd"):
-        x = probes["pgd_x"]
-        scale = probes.get("pgd_scale", 1.0)
-        generator = torch.Generator(x.device).manual_seed(probes["seed"] * 1_000_003 + step)
-        for eps in cfg.pgd_eps:
-            rec[f"pgd_acc_{eps:.3g}"] = pgd_accuracy(model, x, probes["pgd_y"], eps * scale, cfg.pgd_alpha * scale,
-                                                   cfg.pgd_steps, restarts=cfg.pgd_restarts, lo=probes["lo"],
-                                                   hi=probes["hi"], generator=generator)
+    x, y = probes["pgd_x"], probes["pgd_y"]
+    scale = probes.get("pgd_scale", 1.0)
+    generator = torch.Generator(x.device).manual_seed(probes["seed"] * 1_000_003 + step)
+    for eps in cfg.pgd_eps:
+        start = generator.get_state()  # both attacks from the same random starts
+        with timer("pgd"):
+            rec[f"pgd_acc_{eps:.3g}"] = pgd_accuracy(model, x, y, eps * scale, cfg.pgd_alpha * scale, cfg.pgd_steps,
+                                                   restarts=cfg.pgd_restarts, lo=probes["lo"], hi=probes["hi"],
+                                                   generator=generator)
+        with timer("pgd_ce32"):
+            ce32_gen = torch.Generator(x.device).set_state(start)
+            lo, hi = probes.get("ce32_box", (probes["lo"], probes["hi"]))
+            rec[f"pgd_ce32_acc_{eps:.3g}"] = pgd_accuracy(model, x, y, eps * scale, cfg.pgd_alpha * scale,
+                                                        cfg.pgd_steps, restarts=cfg.pgd_restarts, lo=lo, hi=hi,
+                                                        generator=ce32_gen, loss="ce32")
+    with timer("pgd_ce32"):
+        margins = logit_margins(model, x, y)
+        for q in (10, 50, 90):
+            rec[f"margin_p{q}"] = torch.quantile(margins, q / 100).item()
+        rec["zero_grad_frac"] = zero_grad_fraction(model, x, y)
     return rec
 
 
-def evaluate_and_log(model, cfg, step, probes, run, timer, checkpoint, full=True):
+def evaluate_and_log(model, cfg, step, probes, run, timer, checkpoint, full=True, batch_loss_max=None):
     """One evaluation step of a script: train and test accuracy and loss, measure(), the partition
     picture at init, at the first evaluation with train accuracy >= 99% ("fit") and at the end,
     one logged record, a progress line, a checkpoint (checkpoint() saves it). It closes the
     training segment before (one device sync) and opens the next after. Stops the run with a
     clear message when the training loss is not finite; what was logged stays, and the plot is
-    written. full=False: see measure (no LC, PGD or partition picture)."""
+    written. full=False: see measure (no LC, PGD or partition picture). batch_loss_max: a 0-d
+    tensor, the largest training-batch loss since the last evaluation (kept on the device without a
+    sync), logged as batch_loss_max and reset: it shows the loss spikes that evaluations at
+    far-apart log-spaced steps miss."""
     timer.stop_training()
     rec = {"step": step}
+    if batch_loss_max is not None and step > 0:
+        rec["batch_loss_max"] = batch_loss_max.item()
+        batch_loss_max.zero_()
     with timer("eval"):
         for split in ("train", "test"):
             rec[f"{split}_acc"], rec[f"{split}_loss"] = evaluate(model, *probes[split], probes["loss_fn"])
@@ -505,7 +604,8 @@ def evaluate_and_log(model, cfg, step, probes, run, timer, checkpoint, full=True
                               title=f"step {step}: ")
     log_metrics(run, rec)
     shown = " ".join(f"{k} {v:.3g}" for k, v in rec.items()
-                     if k in ("train_acc", "test_acc", "lc_train", "lc_boundary") or k.startswith("pgd_acc"))
+                     if k in ("train_acc", "test_acc", "lc_train", "lc_boundary", "margin_p90", "zero_grad_frac")
+                     or k.startswith(("pgd_acc", "pgd_ce32")))
     print(f"step {step:>7}/{cfg.steps} ({100 * step / max(cfg.steps, 1):5.1f}%) | {shown}", flush=True)
     with timer("checkpoint"):
         checkpoint()
@@ -1082,7 +1182,7 @@ def onset_summary(records):
     after = [r for r in records if r["step"] >= (fit or 0)]
     last = records[-1]
     out = {"train_acc_99_step": fit}
-    for key in [k for k in last if k == "test_acc" or k.startswith("pgd_acc")]:
+    for key in [k for k in last if k == "test_acc" or k.startswith(("pgd_acc", "pgd_ce32_acc"))]:
         out[f"{key}_final"] = last[key]
         if last[key] is None:
             continue
@@ -1118,13 +1218,26 @@ def finish_run(run, timer, train_steps):
 # ----------------------------------------------------------------------------- plot
 PANELS = [  # (title, which keys, y-axis label)
     ("accuracy", lambda k: k in ("train_acc", "test_acc"), "accuracy"),
-    ("loss", lambda k: k in ("train_loss", "test_loss"), "loss (log)"),
+    ("loss", lambda k: k in ("train_loss", "test_loss", "batch_loss_max"), "loss (log)"),
     ("local complexity", lambda k: k.startswith("lc_") and not k.endswith("_ci"), "cut neurons per point"),
-    ("PGD accuracy", lambda k: k.startswith("pgd_acc"), "robust accuracy"),
+    ("PGD accuracy (solid: default attack, dashed: papers' ce32)",
+     lambda k: k.startswith("pgd_") or k == "zero_grad_frac", "accuracy under attack"),
+    ("logit margin z_y - max z_j (PGD points)", lambda k: k.startswith("margin_p"), "margin (symlog)"),
     ("feature rank per layer", lambda k: k.startswith("rank_"), "rank of cov"),
     ("effective rank per layer", lambda k: k.startswith("erank_"), "effective rank"),
     ("weight norm", lambda k: k == "weight_norm", "L2 norm"),
 ]
+
+
+def _style(key, keys):
+    """The PGD panel: one colour per eps, solid for the default attack, dashed for ce32; the
+    zero-gradient fraction dotted black."""
+    if key == "zero_grad_frac":
+        return {"color": "black", "ls": ":"}
+    if not key.startswith("pgd_"):
+        return {}
+    radii = list(dict.fromkeys(k.rsplit("_", 1)[1] for k in keys if k.startswith("pgd_")))
+    return {"color": f"C{radii.index(key.rsplit('_', 1)[1]) % 10}", "ls": "--" if "ce32" in key else "-"}
 
 
 def plot_run(run, path=None):
@@ -1166,7 +1279,7 @@ def plot_runs(runs, path, title):
                 continue
             ys = [[v[s] for v in per_run if s in v] for s in steps]
             xs = np.array([s or zero_at for s in steps], dtype=float)
-            line, = ax.plot(xs, [np.mean(y) for y in ys], marker=".", ms=3, lw=1.2, label=k)
+            line, = ax.plot(xs, [np.mean(y) for y in ys], marker=".", ms=3, lw=1.2, label=k, **_style(k, ks))
             if len(runs) > 1:
                 ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2, color=line.get_color())
             else:
@@ -1178,6 +1291,9 @@ def plot_runs(runs, path, title):
         ax.set_xscale("log")
         if panel == "loss" and any(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
             ax.set_yscale("log")
+        if panel.startswith("logit margin"):
+            ax.set_yscale("symlog", linthresh=1)
+            ax.axhline(90, color="grey", ls=":", lw=1)  # about where float32 cross-entropy gradients vanish
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel("optimisation step")
         ax.set_ylabel(ylabel)

@@ -131,14 +131,17 @@ def main(cfg):
     eval_steps = common.log_steps(cfg.steps, cfg.evals)
     print(f"{run}: {sum(p.numel() for p in model.parameters())} parameters, {n_train} train pairs, device {device}")
 
+    batch_loss_max = torch.zeros((), device=device)  # the worst batch between evaluations: loss spikes
     timer.start_training()  # no host-device sync inside this loop: the evaluations sync once each
     for step in range(start, cfg.steps + 1):
         if step in eval_steps and not (checkpoint and step == start):
             common.evaluate_and_log(model, cfg, step, probes, run, timer,
-                                    lambda: common.save_checkpoint(run, model, optimizer, step, generators))
+                                    lambda: common.save_checkpoint(run, model, optimizer, step, generators),
+                                    batch_loss_max=batch_loss_max)
         if step == cfg.steps:
             break
         loss = F.cross_entropy(train_model(x_train), y_train)
+        batch_loss_max = torch.maximum(batch_loss_max, loss.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
