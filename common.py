@@ -417,7 +417,7 @@ def pgd_attack(model, x, y, eps, alpha, steps, random_start=True, restarts=1, lo
     (gradient masking: see logit_margins, zero_grad_fraction). Where margins are small the two
     attacks agree; where they are large, only "log1m" says how robust the model is. (The authors'
     class has a random_start flag that it never reads: their attack starts at x. Here
-    random_start applies to both losses, so both start from the same points.)
+    random_start applies to both losses; the scripts' evaluations run ce32 from x, as the authors.)
 
     The model runs in eval mode and is left unchanged (no parameter, buffer or .grad). eps, alpha,
     lo and hi are numbers, or tensors that broadcast against one input (e.g. (C, 1, 1): a radius
@@ -525,8 +525,9 @@ def measure(model, cfg, probes, timer, step, full=True):
     sets (train, test, random) and directions; rank_x; pgd_x, pgd_y, the input box lo, hi, seed,
     and optionally pgd_scale (multiplies eps and alpha: a per-channel tensor turns radii given in
     normalised units into pixel units) and ce32_box ((lo, hi) of the papers' attack, when its clamp
-    differs). Both attacks run at every eps from the same random starts (pgd_acc_<eps>: the
-    default, masking-free attack; pgd_ce32_acc_<eps>: the papers'), with the logit margins'
+    differs). Both attacks run at every eps (pgd_acc_<eps>: the default, masking-free attack;
+    pgd_ce32_acc_<eps>: the papers', from x as their code does, or with cfg.ce32_random_start from
+    the default attack's random starts), with the logit margins'
     quantiles (margin_p10/p50/p90) and zero_grad_frac on the same points (see pgd_attack). LC (mean and 99% CI) is also taken at points on the
     decision boundary between test points. cfg names the settings: lc_radius, lc_batch, pgd_eps,
     pgd_alpha, pgd_steps, pgd_restarts. PGD's random starts come from a generator seeded by
@@ -561,7 +562,8 @@ def measure(model, cfg, probes, timer, step, full=True):
             lo, hi = probes.get("ce32_box", (probes["lo"], probes["hi"]))
             rec[f"pgd_ce32_acc_{eps:.3g}"] = pgd_accuracy(model, x, y, eps * scale, cfg.pgd_alpha * scale,
                                                         cfg.pgd_steps, restarts=cfg.pgd_restarts, lo=lo, hi=hi,
-                                                        generator=ce32_gen, loss="ce32")
+                                                        generator=ce32_gen, loss="ce32",
+                                                        random_start=cfg.ce32_random_start)
     with timer("pgd_ce32"):
         margins = logit_margins(model, x, y)
         for q in (10, 50, 90):

@@ -58,6 +58,7 @@ class Config:
     pgd_alpha: float = 4 / 255  # PGD step size, normalised units
     pgd_steps: int = 10  # PGD steps
     pgd_restarts: int = 1  # PGD random restarts (an example is robust if it survives all)
+    ce32_random_start: bool = False  # the papers' attack from a random start (their code starts at x)
     pgd_points: int = 1024  # test images attacked
     rank_points: int = 1024  # test images whose features give the per-layer (channel) rank
     partition_resolution: int = 120  # grid points per side of the partition pictures

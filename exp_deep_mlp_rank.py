@@ -59,6 +59,7 @@ class Config:
     pgd_alpha: float = 0.0156  # PGD step size, pixel units
     pgd_steps: int = 20  # PGD steps
     pgd_restarts: int = 1  # PGD random restarts (an example is robust if it survives all)
+    ce32_random_start: bool = False  # the papers' attack from a random start (their code starts at x)
     pgd_points: int = 1024  # test images attacked
     rank_points: int = 10_000  # test points whose features give the per-layer rank
     partition_resolution: int = 300  # grid points per side of the partition pictures

@@ -1,0 +1,137 @@
+"""The papers' attack (loss="ce32") against a float32 reference, and gradient masking on scaled logits:
+multiplying a model's logits by k changes no decision, so true robustness is unchanged."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from test_pgd import trained_mlp
+
+
+class Scaled(nn.Module):
+    """The model with its logits multiplied by k: the same decisions, margins k times larger."""
+
+    def __init__(self, model, k):
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, x):
+        return self.model(x) * self.k
+
+
+def hard_mlp(seed=0):
+    """Overlapping blobs: a trained MLP that is right on most points but not all, and fooled at eps 0.5."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([0.45 + 0.1 * torch.randn(200, 10, generator=g), 0.55 + 0.1 * torch.randn(200, 10, generator=g)])
+    x = x.clamp(0, 1)
+    y = torch.cat([torch.zeros(200), torch.ones(200)]).long()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 2))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, x, y
+
+
+@pytest.mark.parametrize("k", [2.0, 16.0, 1024.0])
+def test_margins_scale_by_exactly_k(k):
+    model, x, y = trained_mlp()
+    with torch.no_grad():  # the oracle: sort each row, the margin is z_y minus the best other logit
+        z = model(x).double()
+        other = torch.where(z.argsort(1, descending=True)[:, 0] == y, z.sort(1, descending=True).values[:, 1],
+                            z.max(1).values)
+        expected = z.gather(1, y[:, None])[:, 0] - other
+    got = common.logit_margins(Scaled(model, k), x, y)
+    assert torch.equal(common.logit_margins(model, x, y), expected)
+    assert torch.equal(got, k * expected)  # powers of two: the float32 products are exact
+
+
+def test_large_margins_mask_the_papers_attack_but_not_the_default():
+    model, x, y = hard_mlp()
+    clean, _ = common.evaluate(model, x, y, F.cross_entropy)
+    assert 0.6 < clean < 0.95
+
+    def attack(k, loss):
+        return common.pgd_accuracy(Scaled(model, k), x, y, eps=0.5, alpha=0.1, steps=10, loss=loss,
+                                   generator=torch.Generator().manual_seed(0))
+
+    ks = (1.0, 2.0**6, 2.0**10, 2.0**16)
+    ce32 = [attack(k, "ce32") for k in ks]
+    default = [attack(k, "log1m") for k in ks]
+    zero = [common.zero_grad_fraction(Scaled(model, k), x, y) for k in ks]
+    assert ce32[0] < 0.05 and zero[0] == 0.0  # unmasked: both attacks break the model
+    assert all(a <= b for a, b in zip(ce32, ce32[1:])) and ce32[-1] >= clean - 0.02
+    assert all(a <= b for a, b in zip(zero, zero[1:])) and clean - 0.02 <= zero[-1] <= clean
+    assert max(default) < 0.05  # the default attack is not fooled by the scale
+
+
+def reference_ce32(model, x, y, eps, alpha, steps, noise, lo=0.0, hi=1.0):
+    """The papers' PGD written out in float32: start in the ball, sign steps of the batch-mean
+    cross-entropy, project, clamp; the last iterate."""
+    x_adv = torch.clamp(x + eps * (2 * noise - 1), lo, hi)
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        loss = nn.CrossEntropyLoss()(model(x_adv), y)
+        grad, = torch.autograd.grad(loss, x_adv)
+        x_adv = torch.min(torch.max(x_adv + alpha * grad.sign(), x - eps), x + eps)
+        x_adv = torch.clamp(x_adv, lo, hi)
+    return x_adv.detach()
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 5])
+def test_ce32_equals_a_float32_reference_step_by_step(steps):
+    model, x, y = hard_mlp()
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(3))
+    expected = reference_ce32(model, x, y, 0.1, 0.03, steps, noise)
+    got = common.pgd_attack(model, x, y, 0.1, 0.03, steps, loss="ce32", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got, expected)
+    if steps:
+        assert not torch.equal(got, reference_ce32(model, x, y, 0.1, 0.03, steps - 1, noise))
+
+
+def test_ce32_scores_the_last_iterate():
+    # the band model: from 0.2 with steps of 0.25, 0.45 is fooled and 0.70 is not: the papers'
+    # attack counts the point as robust, the default attack as fooled
+    from test_pgd import band_model
+    model, x, y = band_model(), torch.tensor([[0.2]]), torch.tensor([0])
+    kwargs = dict(eps=1.0, alpha=0.25, steps=2, random_start=False)
+    assert common.pgd_accuracy(model, x, y, loss="ce32", **kwargs) == 1.0
+    assert common.pgd_accuracy(model, x, y, **kwargs) == 0.0
+
+
+def test_ce32_clamps_to_per_channel_bounds():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    x, y = torch.rand(20, 3, 2, 2), torch.randint(0, 2, (20,))
+    lo, hi = torch.tensor([0.1, 0.0, -0.2]).reshape(3, 1, 1), torch.tensor([0.9, 1.05, 1.1]).reshape(3, 1, 1)
+    x = torch.max(torch.min(x, hi), lo)
+    x_adv = common.pgd_attack(model, x, y, 0.3, 0.2, 3, lo=lo, hi=hi, loss="ce32",
+                              generator=torch.Generator().manual_seed(0))
+    assert (x_adv >= lo).all() and (x_adv <= hi).all()
+    assert (x_adv == hi).any() and (x_adv == lo).any()  # the bounds are reached: they are what clamps
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -0.1])
+def test_nan_or_negative_eps_is_refused(bad):
+    model, x, y = trained_mlp()
+    with pytest.raises(ValueError, match="eps"):
+        common.pgd_accuracy(model, x, y, eps=bad, alpha=0.01, steps=2)
+    with pytest.raises(ValueError, match="loss"):
+        common.pgd_accuracy(model, x, y, eps=0.1, alpha=0.01, steps=2, loss="ce")
+
+
+def test_integer_and_nan_inputs_are_refused_and_labels_of_any_integer_dtype_work():
+    model, x, y = trained_mlp()
+    with pytest.raises(ValueError, match="floating-point"):
+        common.pgd_accuracy(model, (x * 255).to(torch.uint8), y, eps=0.1, alpha=0.01, steps=2)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        common.pgd_accuracy(model, bad, y, eps=0.1, alpha=0.01, steps=2)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    want = common.pgd_accuracy(model, x, y, 0.1, 0.01, 2, generator=gen())
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        assert common.pgd_accuracy(model, x, y.to(dtype), 0.1, 0.01, 2, generator=gen()) == want
+        assert torch.equal(common.logit_margins(model, x, y.to(dtype)), common.logit_margins(model, x, y))
