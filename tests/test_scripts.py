@@ -36,6 +36,12 @@ def check_run_folder(run):
                 "rank_1", "erank_1", "weight_norm"):
         assert key in last and np.isfinite(last[key]), key
     assert any(k.startswith("pgd_acc_") for k in last)
+    eps_keys = [k.rsplit("_", 1)[1] for k in last if k.startswith("pgd_acc_")]
+    for key in [f"pgd_ce32_acc_{e}" for e in eps_keys] + ["margin_p10", "margin_p50", "margin_p90", "zero_grad_frac",
+                                                         "batch_loss_max"]:
+        assert key in last and np.isfinite(last[key]), key
+    assert last["margin_p10"] <= last["margin_p50"] <= last["margin_p90"]
+    assert 0 <= last["zero_grad_frac"] <= 1
     summary = json.loads((run / "summary.json").read_text())
     assert summary["time"]["train_s"] > 0 and "measurement_fraction" in summary["time"]
     assert "train_acc_99_step" in summary
