@@ -103,6 +103,16 @@ def exact_float32():
 
 
 @contextlib.contextmanager
+def _tf32_on():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@contextlib.contextmanager
 def eval_mode(model):
     """Eval mode (no BN statistics update, no dropout) for the duration; the old mode is restored."""
     modes = [m.training for m in model.modules()]
@@ -186,6 +196,35 @@ def relu_inputs(model, reduce):
                       "LC and the partition pictures count only nn.ReLU neurons", stacklevel=3)
 
 
+# Input normalisations (mean, std per channel), each named once with its source. The radii of the
+# CIFAR and ResNet scripts are in the units of the normalised input, so the constants set the radii.
+NORMALISATIONS = {
+    "cifar10_true": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                     "CIFAR-10's own per-channel mean and std over the 50k training images"),
+    "cifar10_authors": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
+                        "grok-adversarial dataloaders.py (Humayun et al.'s Fig. 1 code; kuangliu's widely copied "
+                        "constants): the true mean, but not the true std"),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "torchvision's ImageNet constants"),
+}
+
+
+def normalisation_note(name):
+    """What config.json records of a script's normalisation: its name, constants and source."""
+    mean, std, source = NORMALISATIONS[name]
+    return {"name": name, "mean": list(mean), "std": list(std), "source": source}
+
+
+def papers_box(name):
+    """The clamp of the papers' attack, in [0, 1] pixel units per channel: their PGD clamps the
+    normalised input to one global range, [min_c (0 - m_c) / s_c, max_c (1 - m_c) / s_c] (for
+    cifar10_authors [-2.4291, 2.7537], grok-adversarial configs.py), not to each channel's own
+    [0, 1]. Returns (lo, hi) as (C, 1, 1) tensors."""
+    mean, std, _ = NORMALISATIONS[name]
+    m, s = torch.tensor(mean).reshape(-1, 1, 1), torch.tensor(std).reshape(-1, 1, 1)
+    low, high = (-m / s).min(), ((1 - m) / s).max()
+    return m + low * s, m + high * s
+
+
 class Normalize(nn.Module):
     """Per-channel normalisation as the model's first layer, so inputs stay in pixel space [0, 1]
     (PGD's clamp is right there) while the network sees what the authors' networks saw."""
@@ -241,7 +280,7 @@ def random_directions(n, dim, generator=None):
     return q.T.contiguous().float()
 
 
-def local_complexity(model, x, radius, directions, batch_size=64, zero_is_a_sign=False):
+def local_complexity(model, x, radius, directions, batch_size=64, zero_is_a_sign=False, tf32=False):
     """Number of neurons cut by the cross-polytope conv{x +- radius * v_p} around each point.
 
     x: (N, ...) points with x[i].numel() == directions.shape[1]. directions: (P, D) rows (any
@@ -255,18 +294,30 @@ def local_complexity(model, x, radius, directions, batch_size=64, zero_is_a_sign
 
     Each chunk of batch_size points is forwarded as batch_size * 2P vertices in one batch, and
     each layer is reduced to counts as soon as it is computed, so memory is bounded by the chunk.
-    Runs in float32 (or the model's dtype) with TF32 off, in eval mode, without gradients; the
-    model, its buffers and the global RNG are unchanged."""
+    radius is in the units of x (the directions are unit vectors in that space). Choose it well
+    below the distance between data points and well above the arithmetic's rounding: exact LC is
+    proportional to r for small r (check with lc_precision_audit: LC at r/10 should be ~10x
+    smaller), and the papers use r=0.005 (normalised CIFAR units), 1e-4 (Imagenette), ~0.05 (MNIST
+    pixels). directions may be an int P: P orthonormal directions drawn from a generator seeded 0.
+
+    Runs in float32 (or the model's dtype) with TF32 off (tf32=True leaves it on, as the authors'
+    code does on a GPU: see lc_precision_audit), in eval mode, without gradients; the model, its
+    buffers and the global RNG are unchanged. Refuses (ValueError) non-floating or non-finite
+    inputs and a radius that is not finite and > 0."""
+    _check_points(x, "local_complexity")
+    if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
+        raise ValueError(f"local_complexity: radius must be a finite number > 0, got {radius}")
+    if isinstance(directions, int):
+        directions = random_directions(directions, x[0].numel(), torch.Generator().manual_seed(0))
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     n_points = x.shape[0]
     v = directions.to(device=device, dtype=dtype)
-    n_vertices = 2 * v.shape[0]
     if x[0].numel() != v.shape[1]:
         raise ValueError(f"directions have dim {v.shape[1]} but a point has {x[0].numel()} entries")
     offsets = radius * torch.cat([v, -v])  # (2P, D): the cross-polytope's vertices around 0
     chunks = []
-    with torch.no_grad(), exact_float32(), eval_mode(model):
+    with torch.no_grad(), (_tf32_on() if tf32 else exact_float32()), eval_mode(model):
         for start in range(0, n_points, batch_size):
             xb = x[start:start + batch_size].to(device=device, dtype=dtype)
             b = xb.shape[0]
@@ -292,6 +343,57 @@ def lc_summary(counts):
     total = counts.sum(1).double()
     half = 2.576 * total.std().item() / math.sqrt(len(total)) if len(total) > 1 else float("nan")
     return total.mean().item(), half
+
+
+def round_to_tf32(t):
+    """float32 rounded to TF32's 10-bit mantissa (to nearest, ties away from zero), as tensor cores
+    round the operands of a TF32 matmul or convolution."""
+    bits = t.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32)
+
+
+@contextlib.contextmanager
+def emulated_tf32(model):
+    """A CPU emulation of TF32 (an emulation, not a GPU measurement): the inputs and weights of
+    every nn.Conv2d and nn.Linear are rounded to TF32 for the duration; products still accumulate
+    in float32. The weights are restored afterwards."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    saved = [m.weight.data for m in layers]
+    handles = [m.register_forward_pre_hook(lambda m, inputs: (round_to_tf32(inputs[0]), *inputs[1:]))
+               for m in layers]
+    try:
+        for m, w in zip(layers, saved):
+            m.weight.data = round_to_tf32(w)
+        yield
+    finally:
+        for m, w in zip(layers, saved):
+            m.weight.data = w
+        for h in handles:
+            h.remove()
+
+
+def lc_precision_audit(model, x, radius, directions, batch_size=64):
+    """Is an LC reading made of the geometry or of rounding? On the same weights, points and
+    directions: exact LC (float32, TF32 off) at radius and radius/10, and LC with TF32 on at both
+    (on a CUDA model the real flags; elsewhere emulated_tf32, labelled as an emulation). Exact LC
+    is proportional to the radius when the radius is small, so it falls ~10x at radius/10; a
+    rounding floor does not fall. Returns a dict with the four means, the two ratios, how TF32 was
+    obtained, and exact_is_linear / tf32_is_linear: the reading fell at least 5x (else the radius is
+    too large for the test, or rounding, not geometry, makes the reading)."""
+    cuda = next(model.parameters()).device.type == "cuda"
+
+    def lc(r, tf32):
+        with contextlib.nullcontext() if cuda or not tf32 else emulated_tf32(model):
+            return lc_summary(local_complexity(model, x, r, directions, batch_size, tf32=tf32 and cuda))[0]
+
+    out = {"radius": radius, "exact": lc(radius, False), "exact_r/10": lc(radius / 10, False),
+           "tf32": lc(radius, True), "tf32_r/10": lc(radius / 10, True),
+           "tf32_kind": "CUDA TF32 flags on" if cuda else "emulated on the CPU (operands rounded to TF32)"}
+    out["exact_ratio"] = out["exact"] / max(out["exact_r/10"], 1e-12)
+    out["tf32_ratio"] = out["tf32"] / max(out["tf32_r/10"], 1e-12)
+    out["exact_is_linear"] = out["exact_r/10"] * 5 <= out["exact"]
+    out["tf32_is_linear"] = out["tf32_r/10"] * 5 <= out["tf32"]
+    return out
 
 
 def boundary_points(model, x, steps=20, batch_size=1024):
@@ -634,8 +736,7 @@ def partition_picture(model, anchors, path, resolution=300, margin=0.5, batch_si
     (where the predicted class changes) is red in both, the anchors are dots.
     Returns the number of distinct regions seen on the grid (a lower bound of the true count)."""
     import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     device = next(model.parameters()).device
     x0, x1, x2 = anchors.to(device).float().flatten(1)
@@ -661,8 +762,9 @@ def partition_picture(model, anchors, path, resolution=300, margin=0.5, batch_si
     neighbours[0] -= 1
     per_edge = (flips / neighbours.clamp(min=1)).numpy()
     low, high = np.percentile(per_edge, [2, 98])
-    density = plt.get_cmap("viridis")(np.clip((per_edge - low) / max(high - low, 1e-9), 0, 1))[..., :3]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5.3))
+    density = matplotlib.colormaps["viridis"](np.clip((per_edge - low) / max(high - low, 1e-9), 0, 1))[..., :3]
+    fig = Figure(figsize=(10, 5.3))
+    axes = fig.subplots(1, 2)
     extent = (-margin, 1 + margin, -margin, 1 + margin)
     for ax, img, what in ((axes[0], regions, f"{n_regions} regions on the grid"),
                           (axes[1], density, f"boundary density: {low:.3g} to {high:.3g} neurons flip per grid step")):
@@ -675,7 +777,6 @@ def partition_picture(model, anchors, path, resolution=300, margin=0.5, batch_si
     fig.suptitle("plane through three training points; red: decision boundary", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return n_regions
 
 
@@ -692,8 +793,14 @@ def region_ids(model, points, point_shape, batch_size=1024, row=None):
     if row:
         batch_size = max(1, batch_size // row) * row  # whole rows, so neighbours are in the batch or the last row
     above = None
+    started, told = time.perf_counter(), False
     with torch.no_grad(), eval_mode(model), exact_float32():
         for i in range(0, len(points), batch_size):
+            elapsed = time.perf_counter() - started
+            if i and not told and elapsed * len(points) / i > 5:  # a slow picture says how slow, once
+                print(f"partition picture: {len(points)} grid points, about {elapsed * len(points) / i:.0f} s "
+                      f"(fewer with a smaller resolution)", flush=True)
+                told = True
             xb = points[i:i + batch_size].reshape(-1, *point_shape)
             parts, signs = [], []
 
@@ -806,6 +913,22 @@ def number(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 0.03 or 8/255)") from None
 
 
+def whole_number(text):
+    """An int from the command line; integral scientific notation such as 5e3 is welcome."""
+    import argparse
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (e.g. 5000 or 5e3)") from None
+    if not (math.isfinite(value) and value == int(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (e.g. 5000 or 5e3)")
+    return int(value)
+
+
 def _parser(cls, defaults=True):
     import argparse
     import dataclasses
@@ -813,7 +936,7 @@ def _parser(cls, defaults=True):
     import re
     helps = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(cls), re.M))
     parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
                                      argument_default=None if defaults else argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         flag, text = "--" + f.name.replace("_", "-"), helps.get(f.name, "").replace("%", "%%")
@@ -823,7 +946,7 @@ def _parser(cls, defaults=True):
         elif f.type in (tuple, "tuple"):
             parser.add_argument(flag, type=number, nargs="+", default=default, help=text)
         else:
-            kind = {"int": int, "float": number, "str": str}.get(f.type, f.type)
+            kind = {"int": whole_number, int: whole_number, "float": number, float: number}.get(f.type, str)
             parser.add_argument(flag, type=kind, default=default, choices=getattr(cls, "CHOICES", {}).get(f.name),
                                 help=text)
     return parser
@@ -847,6 +970,11 @@ def parse_config(cls, argv=None):
             die(f"{stored_path} is not a config this toolkit wrote ({e}); start a new run with another --out")
         fields = {f.name for f in dataclasses.fields(cls)}
         stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields}
+        newer = sorted(fields - set(stored) - set(RESUMABLE))
+        if newer:
+            die(f"--resume: {values['out']} was made by an older version of this script, without "
+                + ", ".join(f"--{k.replace('_', '-')}" for k in newer) + "; today's defaults could change the "
+                "experiment, so start a new --out (or add the value it ran with to config.json)")
         changed = [k for k, v in given.items() if k not in RESUMABLE and k in stored and stored[k] != v]
         if changed:
             die(f"--resume: {values['out']} holds a run with " + ", ".join(f"--{k.replace('_', '-')} {stored[k]}" for k in
@@ -1222,9 +1350,8 @@ PANELS = [  # (title, which keys, y-axis label)
     ("accuracy", lambda k: k in ("train_acc", "test_acc"), "accuracy"),
     ("loss", lambda k: k in ("train_loss", "test_loss", "batch_loss_max"), "loss (log)"),
     ("local complexity", lambda k: k.startswith("lc_") and not k.endswith("_ci"), "cut neurons per point"),
-    ("PGD accuracy (solid: default attack, dashed: papers' ce32)",
-     lambda k: k.startswith("pgd_") or k == "zero_grad_frac", "accuracy under attack"),
-    ("logit margin z_y - max z_j (PGD points)", lambda k: k.startswith("margin_p"), "margin (symlog)"),
+    ("PGD accuracy", lambda k: k.startswith("pgd_") or k == "zero_grad_frac", "accuracy under attack"),
+    ("logit margin", lambda k: k.startswith("margin_p"), "z_y - max_j z_j at PGD points (symlog)"),
     ("feature rank per layer", lambda k: k.startswith("rank_"), "rank of cov"),
     ("effective rank per layer", lambda k: k.startswith("erank_"), "effective rank"),
     ("weight norm", lambda k: k == "weight_norm", "L2 norm"),
@@ -1242,6 +1369,15 @@ def _style(key, keys):
     return {"color": f"C{radii.index(key.rsplit('_', 1)[1]) % 10}", "ls": "--" if "ce32" in key else "-"}
 
 
+def _label(key):
+    """Legend text: the PGD keys say which attack and which radius."""
+    if key.startswith("pgd_ce32_acc_"):
+        return f"papers' ce32, ε {key.rsplit('_', 1)[1]}"
+    if key.startswith("pgd_acc_"):
+        return f"default, ε {key.rsplit('_', 1)[1]}"
+    return {"zero_grad_frac": "zero-gradient fraction", "batch_loss_max": "worst batch since last eval"}.get(key, key)
+
+
 def plot_run(run, path=None):
     """Every logged metric against training step on a log axis (step 0 drawn at 1/2 of the first
     logged step), one panel per group, into run/metrics.png. Works on any run folder, also while
@@ -1249,16 +1385,29 @@ def plot_run(run, path=None):
     records = read_metrics(run)
     if not records:
         die(f"no metrics in {run}/metrics.jsonl to plot")
-    return plot_runs({Path(run).name: records}, Path(path or Path(run) / "metrics.png"), str(Path(run).name))
+    return plot_runs({Path(run).name: records}, Path(path or Path(run) / "metrics.png"),
+                     f"{Path(run).name}: {radius_units(run)}")
+
+
+def radius_units(run):
+    """The units of a run's LC radius and PGD eps, from its config.json, for the figure's title."""
+    try:
+        info = json.loads((Path(run) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "units of r and ε: see the script"
+    if "normalisation" in info:
+        return f"r and ε in normalised units ({info['normalisation']['name']} mean/std; config.json: pixel_units)"
+    if "pixel_units" in info:
+        return "r and ε in normalised units (config.json: pixel_units)"
+    return "r and ε in input units ([0, 1] pixels; one-hot for modular arithmetic)"
 
 
 def plot_runs(runs, path, title):
     """runs: {name: records}. One run: a line per metric (99% CI band for LC). Several runs (seeds
     of one setting): a line per metric at the mean over the runs that logged that step, and a
-    band from their minimum to their maximum."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    band from their minimum to their maximum. Drawn on a matplotlib Figure: no pyplot state, so a
+    notebook's backend and figures are left alone."""
+    from matplotlib.figure import Figure
 
     everything = [r for records in runs.values() for r in records]
     keys = list(dict.fromkeys(k for r in everything for k in r if k != "step" and isinstance(r[k], (int, float))))
@@ -1266,7 +1415,8 @@ def plot_runs(runs, path, title):
     panels = [p for p in panels if p[1]]
     cols = 3
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.3 * rows), squeeze=False)
+    fig = Figure(figsize=(5.2 * cols, 3.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     positive = [r["step"] for r in everything if r["step"] > 0]
     zero_at = min(positive) / 2 if positive else 1
 
@@ -1281,7 +1431,7 @@ def plot_runs(runs, path, title):
                 continue
             ys = [[v[s] for v in per_run if s in v] for s in steps]
             xs = np.array([s or zero_at for s in steps], dtype=float)
-            line, = ax.plot(xs, [np.mean(y) for y in ys], marker=".", ms=3, lw=1.2, label=k, **_style(k, ks))
+            line, = ax.plot(xs, [np.mean(y) for y in ys], marker=".", ms=3, lw=1.2, label=_label(k), **_style(k, ks))
             if len(runs) > 1:
                 ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2, color=line.get_color())
             else:
@@ -1293,21 +1443,23 @@ def plot_runs(runs, path, title):
         ax.set_xscale("log")
         if panel == "loss" and any(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
             ax.set_yscale("log")
-        if panel.startswith("logit margin"):
+        if panel == "logit margin":
             ax.set_yscale("symlog", linthresh=1)
             ax.axhline(90, color="grey", ls=":", lw=1)  # about where float32 cross-entropy gradients vanish
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel("optimisation step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6, ncol=2 if len(ks) > 6 else 1)
+        ax.legend(fontsize=8, ncol=2 if len(ks) > 5 else 1)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     band = f" (mean of {len(runs)} runs, band: min to max)" if len(runs) > 1 else ""
     fig.suptitle(title + band, fontsize=11)
-    fig.tight_layout()
+    fig.text(0.5, 0.003, "step 0 is drawn at half the first logged step (log axis); LC bands: 99% confidence interval "
+             "of the mean over points; PGD: solid the default attack, dashed the papers' ce32 (README: reading the "
+             "outputs)", ha="center", va="bottom", fontsize=8, color="0.3")
+    fig.tight_layout(rect=(0, 0.025, 1, 1))
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return [panel for panel, _, _ in panels]
 
 

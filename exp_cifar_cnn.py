@@ -6,8 +6,9 @@ without weight decay, no augmentation. It fits the training set by ~6e3 steps at
 accuracy; PGD accuracy stays near 10% until ~5.6e4 steps, then rises (~51% at 1.2e5, ~70% at
 2.6e5) while the local complexity descends, ascends and descends again (11.5 -> 8 -> 16 -> 7).
 Choices where the paper is silent: 3x3 convs with strides 1,2,1,2,1 (32->16->8 px), batch 128.
-Units, as the authors' code: inputs are normalised by the CIFAR-10 mean/std inside the model, and
-the LC radius (r=0.005, P=20) and PGD's eps and alpha are in those *normalised* units (a radius r
+Units, as the authors' code: inputs are normalised by CIFAR-10's true mean/std inside the model
+(common.NORMALISATIONS["cifar10_true"]: the Fig. 6a code is unreleased, and with these constants LC
+at init matches the figure; the papers' attack clamps to [0, 1] here), and the LC radius (r=0.005, P=20) and PGD's eps and alpha are in those *normalised* units (a radius r
 is r * std_c in [0, 1] pixels, about r/4); the run prints and stores (config.json, pixel_units)
 the pixel equivalents. PGD: eps 8/255, 25/255 and 50/255 (the ends and middle of the paper's
 range), alpha 4/255, 10 steps, random start, on 1024 test images.
@@ -35,7 +36,10 @@ import torch.nn.functional as F
 
 import common
 
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10's, as the authors normalise
+# CIFAR-10's true mean and std: Fig. 6a's code is unreleased, so its constants are unknown; with these the
+# LC at init (11.7) matches the figure's 11.5 (the Fig. 1 code's std, cifar10_authors, is ~20% smaller)
+NORMALISATION = "cifar10_true"
+MEAN, STD, _ = common.NORMALISATIONS[NORMALISATION]
 
 
 @dataclasses.dataclass
@@ -91,7 +95,8 @@ def main(cfg):
         x_train, y_train, x_test, y_test = common.load_cifar10(cfg.data_dir, cfg.download)
     subset = common.take_train_subset(cfg, len(x_train), data_gen)
     std = torch.tensor(STD).reshape(3, 1, 1)
-    run, checkpoint = common.start_run(cfg.out, cfg, device, {"pixel_units": common.pixel_units(cfg, STD)})
+    run, checkpoint = common.start_run(cfg.out, cfg, device, {"pixel_units": common.pixel_units(cfg, STD),
+                                                            "normalisation": common.normalisation_note(NORMALISATION)})
     # the data lives on the device as float tensors in [0, 1], NCHW; batches are drawn by indexing
     x_train = x_train[subset].permute(0, 3, 1, 2).float().div(255).to(device)
     y_train = y_train[subset].to(device)

@@ -15,9 +15,14 @@ arXiv 2402.15555), each as its authors built it (BatchNorm removes grokking, so 
   accuracy ~12-18% until 1e5 steps, ~67% at 2e5, ~75% at 3.5e5; LC 53 -> 41 (~30 steps) -> 66
   (1e3-2e3) -> 36; clean test accuracy ~74-75%. (PGD runs on --pgd-points test images, 1024 by
   default; the paper attacks the whole test set: --pgd-points 10000.)
-Units, as the authors' code: inputs are normalised by the data set's mean/std inside the model,
-and the LC radius and PGD's eps and alpha are in those *normalised* units (r is r * std_c in [0,
-1] pixels); the run prints and stores the pixel equivalents (config.json, pixel_units).
+Units, as the authors' code: inputs are normalised by mean/std inside the model, and the LC radius
+and PGD's eps and alpha are in those *normalised* units (r is r * std_c in [0, 1] pixels); the run
+prints and stores the pixel equivalents (config.json: pixel_units, normalisation). The constants
+(--normalisation, common.NORMALISATIONS): CIFAR-10 uses the authors' (std 0.2023, 0.1994, 0.2010
+from grok-adversarial, not the true 0.247, 0.243, 0.262: the paper's radii are 20-23% smaller in
+pixels than the true std would make them), Imagenette torchvision's ImageNet constants. The
+papers' attack (pgd_ce32_*) clamps, as theirs does, to one global range of the normalised input
+(CIFAR-10: [-2.4291, 2.7537]); the default attack to [0, 1] pixels.
 
     python exp_imagenette_resnet.py                                  # Imagenette, torchvision ResNet18, 64 px
     python exp_imagenette_resnet.py --dataset cifar10                # Fig. 1: pre-act ResNet18 width 16
@@ -47,8 +52,9 @@ import torchvision.transforms as T
 
 import common
 
-NORMALISATION = {"imagenette": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
-                 "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
+# the constants of each data set's units (common.NORMALISATIONS has their sources): CIFAR-10 as the
+# authors' Fig. 1 code (their std, not the true one), Imagenette with torchvision's ImageNet constants
+DEFAULT_NORMALISATION = {"imagenette": "imagenet", "cifar10": "cifar10_authors"}
 
 
 @dataclasses.dataclass
@@ -57,6 +63,7 @@ class Config:
     arch: str = "torchvision"  # torchvision: resnet18 without BN; preact: kuangliu's pre-activation ResNet18
     data_dir: str = "data"  # Imagenette: folder with train/ and val/ (or imagenette2-160/); CIFAR: root or .npz
     download: bool = True  # download through torchvision when missing
+    normalisation: str = "auto"  # input constants (mean/std), the radii's units: auto = the data set's (see above)
     resolution: int = 64  # Imagenette images are resized and centre-cropped to this many pixels (CIFAR: 32)
     width: int = 16  # channels of the first stage of the preact net (the torchvision net has 64)
     steps: int = 350_000  # optimisation steps
@@ -83,6 +90,7 @@ class Config:
     resume: bool = False  # continue the run in --out from its last checkpoint (its stored config)
     quick: bool = False  # a seconds-long run of the same code path
     CHOICES = {"dataset": ["imagenette", "cifar10"], "arch": ["torchvision", "preact"],
+               "normalisation": ["auto", *common.NORMALISATIONS],
                "device": ["auto", "cuda", "mps", "cpu"]}
     PRESETS = {("dataset", "cifar10"): dict(  # Fig. 1, from the authors' code
         arch="preact", resolution=32, steps=440_000, lc_radius=0.005, lc_directions=20, lc_batch=32,
@@ -184,8 +192,12 @@ class PreActBlock(nn.Module):
         return self.conv2(self.relu2(self.conv1(out))) + skip
 
 
+def normalisation(cfg):
+    return DEFAULT_NORMALISATION[cfg.dataset] if cfg.normalisation == "auto" else cfg.normalisation
+
+
 def make_model(cfg, n_classes):
-    mean, std = NORMALISATION[cfg.dataset]
+    mean, std, _ = common.NORMALISATIONS[normalisation(cfg)]
     if cfg.arch == "torchvision":
         return nn.Sequential(common.Normalize(mean, std),
                              torchvision.models.resnet18(weights=None, num_classes=n_classes, norm_layer=nn.Identity))
@@ -213,8 +225,9 @@ def main(cfg):
     with timer("setup"):
         x_train, y_train, x_test, y_test = load_data(cfg)
     n_classes = int(y_train.max()) + 1
-    std = NORMALISATION[cfg.dataset][1]
-    run, checkpoint = common.start_run(cfg.out, cfg, device, {"pixel_units": common.pixel_units(cfg, std)})
+    std = common.NORMALISATIONS[normalisation(cfg)][1]
+    run, checkpoint = common.start_run(cfg.out, cfg, device, {"pixel_units": common.pixel_units(cfg, std),
+                                                            "normalisation": common.normalisation_note(normalisation(cfg))})
     # the training data lives on the device as uint8 (4x smaller); each batch becomes float in [0, 1] there
     x_train, y_train = x_train.to(device), y_train.to(device)
     test_order = torch.randperm(len(x_test), generator=data_gen)  # folders are sorted by class
@@ -243,6 +256,7 @@ def main(cfg):
               "directions": (directions.reshape(-1, *shape) * std_t).flatten(1),
               "rank_x": x_test[:cfg.rank_points], "pgd_x": x_test[:cfg.pgd_points], "pgd_y": y_test[:cfg.pgd_points],
               "seed": cfg.seed, "pgd_scale": std_t.to(device), "lo": 0.0, "hi": 1.0,
+              "ce32_box": tuple(t.to(device) for t in common.papers_box(normalisation(cfg))),
               "anchors": common.anchor_points(x_train, y_train).float().div(255)}
     eval_steps = common.log_steps(cfg.steps, cfg.evals)
     print(f"{run}: {cfg.arch} ResNet18, {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} "

@@ -31,11 +31,13 @@ def main():
     stored = json.loads((run / "config.json").read_text())["config"]
     fields = {f.name for f in dataclasses.fields(script.Config)}
     cfg = script.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields})
+    if "normalisation" not in stored:  # runs made before the field existed used the true CIFAR-10 std
+        cfg = dataclasses.replace(cfg, normalisation="cifar10_true" if cfg.dataset == "cifar10" else "imagenet")
     x_train, y_train, _, _ = script.load_data(cfg)
     n_classes = int(y_train.max()) + 1
     points = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:args.points]]
     points = points.float().div(255)
-    _, std = script.NORMALISATION[cfg.dataset]
+    std = common.NORMALISATIONS[script.normalisation(cfg)][1]
     shape = points.shape[1:]
     directions = common.random_directions(cfg.lc_directions, points[0].numel(), torch.Generator().manual_seed(1))
     directions = (directions.reshape(-1, *shape) * torch.tensor(std).reshape(3, 1, 1)).flatten(1)

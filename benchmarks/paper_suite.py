@@ -63,6 +63,42 @@ def headline(run):
     return "; ".join(parts)
 
 
+def tf32_check(args, out):
+    """What TF32 does to LC on the Fig. 1 ResNet at init (pre-activation ResNet18 width 16, the
+    run's own seed and directions, --tf32-points real CIFAR-10 training images, or uniform ones
+    without data): lc_precision_audit at r = 0.005 (the paper's) and r = 5e-4, with the authors'
+    constants and with the true std. On a GPU the real TF32 flags, on a CPU an emulation (said in
+    the table). Writes out/tf32_check.md and returns its lines."""
+    import torch
+    sys.path.insert(0, str(REPO))
+    import common
+    import exp_imagenette_resnet as script
+    device = common.pick_device(args.device)
+    n = 8 if args.smoke else args.tf32_points
+    if Path(args.cifar).exists():
+        x = common.load_cifar10(args.cifar, download=False)[0][:n].permute(0, 3, 1, 2).float().div(255)
+        what = f"{n} real CIFAR-10 training images"
+    else:
+        x, what = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)), f"{n} uniform random images"
+    lines = [f"TF32 and LC on the Fig. 1 ResNet at init ({what}, device {device}; mean LC over the images)", "",
+             "| constants | P | r (normalised) | exact | exact at r/10 | TF32 | TF32 at r/10 | TF32 kind |", "|---" * 8 + "|"]
+    for name in ("cifar10_authors", "cifar10_true"):
+        cfg = common.parse_config(script.Config, ["--dataset", "cifar10", "--normalisation", name] +
+                                  (["--lc-directions", "4"] if args.smoke else []))
+        common.seed_everything(cfg.seed)
+        model = script.make_model(cfg, 10).to(device)
+        std = torch.tensor(common.NORMALISATIONS[name][1]).reshape(3, 1, 1)
+        directions = common.random_directions(cfg.lc_directions, 3 * 32 * 32, torch.Generator().manual_seed(cfg.seed))
+        directions = (directions.reshape(-1, 3, 32, 32) * std).flatten(1)
+        for r in (cfg.lc_radius, cfg.lc_radius / 10):
+            a = common.lc_precision_audit(model, x.to(device), r, directions, batch_size=16)
+            lines.append(f"| {name} | {cfg.lc_directions} | {r:g} | {a['exact']:.2f} | {a['exact_r/10']:.2f} | {a['tf32']:.2f} | "
+                         f"{a['tf32_r/10']:.2f} | {a['tf32_kind']} |")
+    print("\n".join(lines), flush=True)
+    (out / "tf32_check.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget-minutes", type=float, default=9.0, help="wall-clock budget for the whole suite")
@@ -75,10 +111,18 @@ def main():
     parser.add_argument("--imagenette", default=str(REPO / "data" / "imagenette"), help="Imagenette folder")
     parser.add_argument("--only", nargs="+", help="run only these settings")
     parser.add_argument("--smoke", action="store_true", help="every setting with --quick: the same code, tiny, on CPU")
+    parser.add_argument("--tf32-check", action="store_true",
+                        help="only the TF32 check of LC (run first anyway when a GPU is present, and in --smoke)")
+    parser.add_argument("--tf32-points", type=int, default=128, help="images of the TF32 check")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + 60 * args.budget_minutes
+    import torch
+    if args.tf32_check or args.smoke or torch.cuda.is_available():
+        tf32_check(args, out)
+        if args.tf32_check:
+            return
     rows = []
     for name, script, flags, target, paper in SETTINGS:
         if args.only and name not in args.only:

@@ -179,3 +179,25 @@ def test_anchor_points_take_three_classes_or_the_first_three_inputs():
     x = torch.arange(6.0).reshape(6, 1)
     assert common.anchor_points(x, torch.tensor([2, 2, 0, 1, 1, 0])).flatten().tolist() == [2.0, 3.0, 0.0]
     assert common.anchor_points(x, torch.tensor([1, 1, 0, 0, 1, 0])).flatten().tolist() == [0.0, 1.0, 2.0]
+
+
+def test_plots_leave_a_notebooks_backend_and_figures_alone(tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+    old = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands for a notebook's inline backend: anything but Agg
+    try:
+        mine = plt.figure()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        common.partition_picture(model, torch.rand(3, 4), tmp_path / "p.png", resolution=20)
+        common.log_metrics(tmp_path, {"step": 0, "train_acc": 0.5, "pgd_acc_0.1": 0.2, "pgd_ce32_acc_0.1": 0.3,
+                                      "margin_p50": 3.0, "zero_grad_frac": 0.0})
+        titles = common.plot_run(tmp_path)
+        assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == [mine.number] and plt.gcf() is mine
+        assert titles == ["accuracy", "PGD accuracy", "logit margin"]
+        assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "metrics.png").exists()
+    finally:
+        plt.close("all")
+        matplotlib.use(old)

@@ -206,7 +206,9 @@ def test_a_longer_schedule_on_resume_gives_the_records_of_the_longer_run(tmp_pat
     straight = {r["step"]: r for r in records(straight_run)}
     later = [r for r in records(out) if r["step"] > 600]
     assert [r["step"] for r in later] == [605, 3000]
-    assert all(r == straight[r["step"]] for r in later)
+    # batch_loss_max is the worst batch since the previous evaluation, so it depends on the schedule
+    assert all({k: v for k, v in r.items() if k != "batch_loss_max"} ==
+               {k: v for k, v in straight[r["step"]].items() if k != "batch_loss_max"} for r in later)
 
 
 def test_resume_refuses_another_experiment_and_leaves_the_metrics(tmp_path, mnist_dir):
