@@ -890,6 +890,30 @@ class Timer:
                 "train_steps_per_s": round(train_steps / self.seconds["train"], 1) if self.seconds.get("train") else None}
 
 
+# ----------------------------------------------------------------------------- the entry point
+def cli(main, config_class, argv=None):
+    """A script's entry point: parse the config, run main, and end what cannot be checked up front
+    (Ctrl-C, out of memory, a full disk) with one line that names the cause and how to go on; the
+    metrics already logged stay intact (they are flushed at every evaluation)."""
+    cfg = parse_config(config_class, argv)
+    go_on = f"python {Path(sys.argv[0]).name} --out {cfg.out} --resume"
+    try:
+        return main(cfg)
+    except KeyboardInterrupt:
+        records = read_metrics(cfg.out) if Path(cfg.out).is_dir() else []
+        at = f"the last evaluation and checkpoint are at step {records[-1]['step']}" if records else "nothing logged yet"
+        print(f"\ninterrupted ({at}); continue with: {go_on}", file=sys.stderr, flush=True)
+        raise SystemExit(130)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError, OSError) as e:
+        text = str(e)
+        if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't allocate" in text:
+            die(f"out of memory ({type(e).__name__}); lower --batch-size, --lc-batch, --lc-points, --pgd-points or "
+                f"--rank-points (or the model's size), then start again; what was logged in {cfg.out} is kept")
+        if getattr(e, "errno", None) == 28 or "No space left" in text or "file write failed" in text:
+            die(f"the disk is full (writing in {cfg.out}); free some space, then continue with: {go_on}")
+        raise
+
+
 # ----------------------------------------------------------------------------- configuration
 # Fields that may change when a run is resumed: the schedule (a longer run, other evaluation steps:
 # every record depends only on its step, see measure), where the data and the run live, and how
@@ -963,7 +987,10 @@ def parse_config(cls, argv=None):
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(_parser(cls).parse_args(argv)).items()}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(_parser(cls, False).parse_args(argv)).items()}
     stored_path = Path(values["out"]) / "config.json"
-    if values["resume"] and (Path(values["out"]) / "checkpoint.pt").exists() and stored_path.exists():
+    if values["resume"] and not stored_path.exists():
+        die(f"--resume: there is no run in {values['out']} (no config.json); check --out, or drop --resume to start "
+            f"a new run there")
+    if values["resume"] and (Path(values["out"]) / "checkpoint.pt").exists():
         try:
             stored = json.loads(stored_path.read_text())["config"]
         except (ValueError, KeyError) as e:
@@ -1055,6 +1082,24 @@ def read_idx(path):
     return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
 
 
+def split_mnist(source, out, n_train):
+    """A test-set-only MNIST copy (t10k-* in source) split in torchvision's layout under out: the
+    first n_train digits as train-*, the rest as t10k-* (the real test set is not sorted by class)."""
+    x = read_idx(next(p for p in (Path(source) / "t10k-images-idx3-ubyte", Path(source) / "t10k-images-idx3-ubyte.gz")
+                      if p.is_file()))
+    y = read_idx(next(p for p in (Path(source) / "t10k-labels-idx1-ubyte", Path(source) / "t10k-labels-idx1-ubyte.gz")
+                      if p.is_file()))
+    if not 0 < n_train < len(x):
+        die(f"--train {n_train}: must be between 1 and {len(x) - 1} (the copy holds {len(x)} digits)")
+    raw = Path(out) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train-images-idx3-ubyte", x[:n_train]), ("train-labels-idx1-ubyte", y[:n_train]),
+                       ("t10k-images-idx3-ubyte", x[n_train:]), ("t10k-labels-idx1-ubyte", y[n_train:])):
+        header = bytes([0, 0, 8, part.dim()]) + b"".join(n.to_bytes(4, "big") for n in part.shape)
+        (raw / name).write_bytes(header + part.numpy().tobytes())
+    return raw
+
+
 def load_npz(path):
     """(x_train, y_train, x_test, y_test) from an .npz holding those four arrays."""
     path = Path(path)
@@ -1076,9 +1121,9 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 
 def load_mnist(data_dir, dataset="mnist", download=True):
     """(x_train, y_train, x_test, y_test): uint8 images (N, 28, 28) and int64 labels, checked.
-    data_dir is an .npz (x_train, y_train, x_test, y_test) or torchvision's root, holding
-    <data_dir>/MNIST/raw/ (FashionMNIST/raw/) with the four IDX files, plain or .gz as distributed;
-    missing files are downloaded through torchvision when download is true."""
+    data_dir is an .npz (x_train, y_train, x_test, y_test), a folder holding the four IDX files, or
+    torchvision's root, holding <data_dir>/MNIST/raw/ (FashionMNIST/raw/) with them; plain or .gz as
+    distributed; missing files are downloaded through torchvision when download is true."""
     path = Path(data_dir)
     if path.suffix == ".npz":
         arrays, source = load_npz(path), path
@@ -1086,8 +1131,9 @@ def load_mnist(data_dir, dataset="mnist", download=True):
         folder = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[dataset]
         raw = path / folder / "raw"
 
-        def find():
-            return {n: next((p for p in (raw / n, raw / f"{n}.gz") if p.is_file()), None) for n in MNIST_FILES}
+        def find():  # torchvision's layout, or the four files in the folder itself
+            return {n: next((p for d in (raw, path) for p in (d / n, d / f"{n}.gz") if p.is_file()), None)
+                    for n in MNIST_FILES}
 
         found = find()
         if None in found.values() and download:
@@ -1099,6 +1145,11 @@ def load_mnist(data_dir, dataset="mnist", download=True):
                 print(f"download of {dataset} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             found = find()
         missing = [n for n, p in found.items() if p is None]
+        if missing and all(n.startswith("train") for n in missing):
+            src = found["t10k-images-idx3-ubyte"].parent
+            die(f"{dataset} in {src}/ has only the test files (t10k-*): split them into a train and a test part with "
+                f"`python common.py split-mnist {src} data/mnist_split --train 5000`, then pass --data-dir "
+                f"data/mnist_split (README, On a laptop CPU)")
         if missing:
             have = sorted(p.name for p in raw.iterdir()) if raw.is_dir() else []
             die(f"{dataset} in {raw}/: found {', '.join(have) if have else 'nothing'}; missing {', '.join(missing)} "
@@ -1155,6 +1206,14 @@ def git_commit():
         return None
 
 
+def code_hashes():
+    """sha256 of the running script and of common.py: identifies the code of a run made outside a
+    git checkout (a script copied into coursework)."""
+    import hashlib
+    files = {Path(sys.argv[0]).resolve(), Path(__file__).resolve()}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted(files) if p.is_file()}
+
+
 _LOCKS = []  # open lock files: held for the life of the process
 
 
@@ -1194,15 +1253,20 @@ def start_run(out, config, device, notes=None):
     info = {"config": dataclasses.asdict(config), "command": " ".join([sys.executable, *sys.argv]),
             "torch": torch.__version__, "device": str(device),
             "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-            "threads": torch.get_num_threads(), "git_commit": git_commit(),
+            "threads": torch.get_num_threads(), "git_commit": git_commit(), "script": Path(sys.argv[0]).name,
+            "code_sha256": code_hashes(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), **(notes or {})}
     state = read_checkpoint(run, config.steps) if has_checkpoint else None
+    if state is not None and int(state["step"]) == config.steps and (run / "summary.json").exists():
+        print(f"{run} finished at step {config.steps}: nothing to do, nothing changed (give --steps N to extend it)")
+        raise SystemExit(0)
     if has_checkpoint:
         stored = json.loads((run / "config.json").read_text())
         changed = {k: v for k, v in json.loads(json.dumps(info["config"])).items() if stored["config"].get(k) != v}
         stored.setdefault("resumed", []).append({k: info[k] for k in ("command", "git_commit", "device", "started")}
                                                 | {"changed": changed})
-        info = stored
+        stored["config"].update({k: v for k, v in changed.items() if k in RESUMABLE and k != "resume"})
+        info = stored  # the original record, with the schedule now in force (a later --resume continues it)
     else:
         if config.resume:
             print(f"{run}: no checkpoint yet, so the run starts from step 0")
@@ -1297,6 +1361,7 @@ def restore(run, state, model, optimizer, generators):
     if state["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     truncate_metrics(run, state["step"])
+    print(f"{run}: resumed from the checkpoint at step {state['step']}", flush=True)
     return state["step"]
 
 
@@ -1360,9 +1425,14 @@ PANELS = [  # (title, which keys, y-axis label)
 
 def _style(key, keys):
     """The PGD panel: one colour per eps, solid for the default attack, dashed for ce32; the
-    zero-gradient fraction dotted black."""
+    zero-gradient fraction dotted black. Rank panels: layers coloured from first (dark) to last
+    (yellow), so a deep network's layers stay apart."""
     if key == "zero_grad_frac":
         return {"color": "black", "ls": ":"}
+    if key.startswith(("rank_", "erank_")):
+        import matplotlib
+        layers = sorted(int(k.split("_")[1]) for k in keys)
+        return {"color": matplotlib.colormaps["viridis"](layers.index(int(key.split("_")[1])) / max(len(layers) - 1, 1))}
     if not key.startswith("pgd_"):
         return {}
     radii = list(dict.fromkeys(k.rsplit("_", 1)[1] for k in keys if k.startswith("pgd_")))
@@ -1385,7 +1455,7 @@ def plot_run(run, path=None):
     records = read_metrics(run)
     if not records:
         die(f"no metrics in {run}/metrics.jsonl to plot")
-    return plot_runs({Path(run).name: records}, Path(path or Path(run) / "metrics.png"),
+    return plot_runs({Path(run).name: [records]}, Path(path or Path(run) / "metrics.png"),
                      f"{Path(run).name}: {radius_units(run)}")
 
 
@@ -1402,14 +1472,15 @@ def radius_units(run):
     return "r and ε in input units ([0, 1] pixels; one-hot for modular arithmetic)"
 
 
-def plot_runs(runs, path, title):
-    """runs: {name: records}. One run: a line per metric (99% CI band for LC). Several runs (seeds
-    of one setting): a line per metric at the mean over the runs that logged that step, and a
-    band from their minimum to their maximum. Drawn on a matplotlib Figure: no pyplot state, so a
+def plot_runs(groups, path, title):
+    """groups: {label: [records of each run]}. One run: a line per metric (99% CI band for LC).
+    Several runs in a group (seeds of one setting): the mean over the runs that logged each step,
+    with a band from their minimum to their maximum. Several groups (a sweep): one colour per
+    group, one line style per metric. Drawn on a matplotlib Figure: no pyplot state, so a
     notebook's backend and figures are left alone."""
     from matplotlib.figure import Figure
 
-    everything = [r for records in runs.values() for r in records]
+    everything = [r for runs in groups.values() for records in runs for r in records]
     keys = list(dict.fromkeys(k for r in everything for k in r if k != "step" and isinstance(r[k], (int, float))))
     panels = [(t, [k for k in keys if pick(k)], y) for t, pick, y in PANELS]
     panels = [p for p in panels if p[1]]
@@ -1424,22 +1495,28 @@ def plot_runs(runs, path, title):
         return {r["step"]: r[k] for r in records if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])}
 
     for ax, (panel, ks, ylabel) in zip(axes.flat, panels):
-        for k in ks:
-            per_run = [values(k, records) for records in runs.values()]
-            steps = sorted(set().union(*per_run))
-            if not steps:
-                continue
-            ys = [[v[s] for v in per_run if s in v] for s in steps]
-            xs = np.array([s or zero_at for s in steps], dtype=float)
-            line, = ax.plot(xs, [np.mean(y) for y in ys], marker=".", ms=3, lw=1.2, label=_label(k), **_style(k, ks))
-            if len(runs) > 1:
-                ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2, color=line.get_color())
-            else:
-                ci = values(k + "_ci", everything)
-                if ci:
-                    cx = np.array([s for s in steps if s in ci])
-                    cy, ch = np.array([per_run[0][s] for s in cx]), np.array([ci[s] for s in cx])
-                    ax.fill_between(np.where(cx == 0, zero_at, cx), cy - ch, cy + ch, alpha=0.2, color=line.get_color())
+        for g, (group, runs) in enumerate(groups.items()):
+            for m, k in enumerate(ks):
+                per_run = [values(k, records) for records in runs]
+                steps = sorted(set().union(*per_run))
+                if not steps:
+                    continue
+                ys = [[v[s] for v in per_run if s in v] for s in steps]
+                xs = np.array([s or zero_at for s in steps], dtype=float)
+                if len(groups) == 1:
+                    style, label = _style(k, ks), _label(k)
+                else:
+                    style, label = {"color": f"C{g % 10}", "ls": ("-", "--", ":", "-.")[m % 4]}, f"{group}: {_label(k)}"
+                line, = ax.plot(xs, [np.mean(y) for y in ys], marker=".", ms=3, lw=1.2, label=label, **style)
+                if len(runs) > 1:
+                    ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2, color=line.get_color())
+                else:
+                    ci = values(k + "_ci", runs[0])
+                    if ci:
+                        cx = np.array([s for s in steps if s in ci])
+                        cy, ch = np.array([per_run[0][s] for s in cx]), np.array([ci[s] for s in cx])
+                        ax.fill_between(np.where(cx == 0, zero_at, cx), cy - ch, cy + ch, alpha=0.2,
+                                        color=line.get_color())
         ax.set_xscale("log")
         if panel == "loss" and any(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
             ax.set_yscale("log")
@@ -1450,10 +1527,12 @@ def plot_runs(runs, path, title):
         ax.set_xlabel("optimisation step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8, ncol=2 if len(ks) > 5 else 1)
+        n_lines = len(ks) * len(groups)
+        ax.legend(fontsize=8 if n_lines <= 8 else 7, ncol=1 if n_lines <= 5 else 2 if n_lines <= 16 else 3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    band = f" (mean of {len(runs)} runs, band: min to max)" if len(runs) > 1 else ""
+    seeds = max(len(runs) for runs in groups.values())
+    band = f" (lines: mean over a group's runs, band: min to max)" if seeds > 1 else ""
     fig.suptitle(title + band, fontsize=11)
     fig.text(0.5, 0.003, "step 0 is drawn at half the first logged step (log axis); LC bands: 99% confidence interval "
              "of the mean over points; PGD: solid the default attack, dashed the papers' ce32 (README: reading the "
@@ -1463,38 +1542,89 @@ def plot_runs(runs, path, title):
     return [panel for panel, _, _ in panels]
 
 
-def compare_runs(folders, path, at=(), keys=()):
-    """Runs of one setting (seeds) or of a sweep in one figure (see plot_runs) and a table of their
-    onsets and final values: per quantity, each run's value, the mean and the range. at and keys
-    add rows: each key's value at the logged step nearest each step of at (in log distance).
-    Returns the table as markdown."""
-    runs = {}
+# config fields that say where or how a run ran, not what it measures: never a reason to tell runs apart
+NOT_THE_SETTING = ("out", "resume", "device", "data_dir", "download", "compile", "evals", "rank_every")
+
+
+def run_groups(folders):
+    """{label: [folder, ...]}: runs that differ only by seed (or schedule and plumbing) in one
+    group, labelled by the config fields that differ between the groups (e.g. weight_decay=0.1).
+    Refuses (one line) folders without metrics, the same folder twice, and runs of different
+    scripts or data sets."""
+    seen, infos = set(), {}
     for folder in folders:
-        records = read_metrics(folder)
-        if not records:
+        key = Path(folder).resolve()
+        if key in seen:
+            die(f"{folder} is given twice; name each run folder once")
+        seen.add(key)
+        if not read_metrics(folder):
             die(f"no metrics in {folder}/metrics.jsonl to compare")
-        runs[str(folder)] = records
-    plot_runs(runs, path, ", ".join(Path(f).name for f in folders) if len(folders) <= 3 else f"{len(folders)} runs")
-    summaries = [onset_summary(records) for records in runs.values()]
-    for summary, records in zip(summaries, runs.values()):
+        try:
+            infos[folder] = json.loads((Path(folder) / "config.json").read_text())
+        except (OSError, ValueError):
+            infos[folder] = {"config": {}}
+    scripts = {f: i.get("script") or (Path(i["command"].split()[1]).name if len(i.get("command", "").split()) > 1
+                                      else None) for f, i in infos.items()}
+    for what, of in (("script", lambda f: scripts[f]), ("data set", lambda f: infos[f]["config"].get("dataset"))):
+        kinds = {of(f) for f in folders}
+        if len(kinds) > 1:
+            die(f"these runs come from different {what}s ({', '.join(sorted(map(str, kinds)))}); compare runs of one "
+                f"setting, or sweeps of one script")
+    fields = sorted({k for i in infos.values() for k in i["config"]} - set(NOT_THE_SETTING) - {"seed"})
+    differ = [k for k in fields if len({json.dumps(i["config"].get(k)) for i in infos.values()}) > 1]
+    groups = {}
+    for folder in folders:
+        config = infos[folder]["config"]
+        label = ", ".join(f"{k}={config.get(k)}" for k in differ) or "all runs"
+        groups.setdefault(label, []).append(folder)
+    return groups
+
+
+def compare_runs(folders, path, at=(), keys=()):
+    """Runs of one setting (seeds) or of a sweep in one figure (see plot_runs, run_groups) and a
+    table of their onsets and final values: per quantity, each run's value and, for each group of
+    several runs, their mean and range. at and keys add rows: each key's value at the logged step
+    nearest each step of at (in log distance). Returns the table as markdown."""
+    groups = run_groups(folders)
+    records = {f: read_metrics(f) for f in folders}
+    name = ", ".join(Path(f).name for f in folders) if len(folders) <= 3 else f"{len(folders)} runs"
+    plot_runs({label: [records[f] for f in members] for label, members in groups.items()}, path, name)
+    summaries = {f: onset_summary(records[f]) for f in folders}
+    for f in folders:
         for step in at:
-            near = min(records, key=lambda r: abs(math.log((r["step"] or 0.5) / step)))
-            summary.update({f"{k} at ~{step:g} (step {near['step']})": near.get(k) for k in keys})
-    lines = ["| quantity | " + " | ".join(Path(f).name for f in folders) + " | mean | min - max |",
-             "|---" * (len(folders) + 3) + "|"]
-    for key in dict.fromkeys(k for s in summaries for k in s):
-        got = [s.get(key) for s in summaries]
-        known = [v for v in got if isinstance(v, (int, float))]
-        cells = ["-" if v is None else f"{v:.4g}" for v in got]
-        spread = f"{np.mean(known):.4g} | {min(known):.4g} - {max(known):.4g}" if known else "- | -"
-        lines.append(f"| {key} | " + " | ".join(cells) + f" | {spread} |")
+            near = min(records[f], key=lambda r: abs(math.log((r["step"] or 0.5) / step)))
+            summaries[f].update({f"{k} at ~{step:g} (step {near['step']})": near.get(k) for k in keys})
+    several = {label: members for label, members in groups.items() if len(members) > 1}
+    heads = [f"{label} mean | {label} min - max" for label in several] if len(groups) > 1 else ["mean | min - max"] * bool(several)
+    lines = ["| quantity | " + " | ".join(Path(f).name for f in folders) + "".join(f" | {h}" for h in heads) + " |",
+             "|---" * (1 + len(folders) + 2 * len(heads)) + "|"]
+    if len(groups) > 1:
+        label_of = {f: label for label, members in groups.items() for f in members}
+        lines.append("| setting | " + " | ".join(label_of[f] for f in folders) + " | -" * (2 * len(heads)) + " |")
+    for key in dict.fromkeys(k for s in summaries.values() for k in s):
+        cells = ["-" if summaries[f].get(key) is None else f"{summaries[f][key]:.4g}" for f in folders]
+        for members in several.values():
+            known = [summaries[f].get(key) for f in members if isinstance(summaries[f].get(key), (int, float))]
+            cells.append(f"{np.mean(known):.4g} | {min(known):.4g} - {max(known):.4g}" if known else "- | -")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     import argparse
-    if sys.argv[1:2] == ["compare"]:
-        parser = argparse.ArgumentParser(prog="python common.py compare",
+    if sys.argv[1:2] == ["split-mnist"]:
+        parser = argparse.ArgumentParser(prog="python common.py split-mnist", allow_abbrev=False,
+                                         description="a test-set-only MNIST copy (t10k-* files) as train and test "
+                                                     "parts in torchvision's layout")
+        parser.add_argument("source", help="folder with t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (or .gz)")
+        parser.add_argument("out", help="root to write <out>/MNIST/raw/ into; pass it as --data-dir")
+        parser.add_argument("--train", type=whole_number, default=5000, help="the first N digits become the train part")
+        args = parser.parse_args(sys.argv[2:])
+        if not any((Path(args.source) / f"t10k-images-idx3-ubyte{z}").is_file() for z in ("", ".gz")):
+            die(f"{args.source} has no t10k-images-idx3-ubyte(.gz)")
+        print(f"written: {split_mnist(args.source, args.out, args.train)}")
+    elif sys.argv[1:2] == ["compare"]:
+        parser = argparse.ArgumentParser(prog="python common.py compare", allow_abbrev=False,
                                          description="runs of one setting (seeds) or a sweep in one figure, and a "
                                                      "table of onsets with their spread")
         parser.add_argument("runs", nargs="+", help="run folders")
@@ -1507,9 +1637,19 @@ if __name__ == "__main__":
     else:
         # python common.py RUN [RUN ...]: redraw metrics.png and metrics.csv of run folders (also
         # while a run goes on) and refresh the onsets in summary.json (its time breakdown is kept)
-        if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
-            raise SystemExit("usage: python common.py RUN_FOLDER [RUN_FOLDER ...]      redraw each run's plot\n"
-                             "       python common.py compare RUN_FOLDER ... [--out fig.png]   several runs in one figure")
+        usage = ("usage: python common.py RUN_FOLDER [RUN_FOLDER ...]      redraw each run's plot, csv and summary\n"
+                 "       python common.py compare RUN_FOLDER ... [--out fig.png]   several runs in one figure "
+                 "(--help for more)\n"
+                 "       python common.py split-mnist SOURCE OUT [--train 5000]    a test-set-only MNIST copy as train/test")
+        if sys.argv[1:2] in (["-h"], ["--help"]):
+            print(usage)
+            raise SystemExit(0)
+        if len(sys.argv) < 2:
+            print(usage, file=sys.stderr)
+            raise SystemExit(2)
+        for folder in sys.argv[1:]:
+            if not (Path(folder) / "metrics.jsonl").is_file():
+                die(f"{folder} is not a run folder (no metrics.jsonl); {usage.splitlines()[0][7:]}")
         for folder in sys.argv[1:]:
             plot_run(folder)
             write_csv(folder)

@@ -147,4 +147,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(common.parse_config(Config))
+    common.cli(main, Config)

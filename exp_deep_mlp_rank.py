@@ -143,4 +143,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(common.parse_config(Config))
+    common.cli(main, Config)

@@ -151,4 +151,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(common.parse_config(Config))
+    common.cli(main, Config)

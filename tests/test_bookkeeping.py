@@ -1,6 +1,9 @@
 """Run folder, metrics, plot, onset summary, log-spaced steps; the partition picture."""
 import itertools
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +11,8 @@ import torch
 import torch.nn as nn
 
 import common
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_log_steps_are_log_spaced_and_include_both_ends():
@@ -201,3 +206,31 @@ def test_plots_leave_a_notebooks_backend_and_figures_alone(tmp_path):
     finally:
         plt.close("all")
         matplotlib.use(old)
+
+
+def _fake_run(folder, script, config, test_accs):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"config": config, "script": script, "command": f"python {script}"}))
+    for step, acc in zip((0, 10, 100), test_accs):
+        common.log_metrics(folder, {"step": step, "train_acc": 1.0, "test_acc": acc})
+
+
+def test_compare_groups_a_sweep_by_the_fields_that_differ_and_refuses_mixed_experiments(tmp_path):
+    runs = []
+    for wd, base in ((0.1, 0.5), (1.0, 0.8)):
+        for seed in (0, 1):
+            folder = tmp_path / f"wd{wd}_s{seed}"
+            _fake_run(folder, "exp_mnist_mlp.py", {"weight_decay": wd, "seed": seed, "out": str(folder), "lr": 1e-3},
+                      (0.1, base, base + 0.1 * seed))
+            runs.append(folder)
+    groups = common.run_groups(runs)
+    assert groups == {"weight_decay=0.1": runs[:2], "weight_decay=1.0": runs[2:]}
+    table = common.compare_runs(runs, tmp_path / "fig.png")
+    assert "| setting | weight_decay=0.1 | weight_decay=0.1 | weight_decay=1.0 | weight_decay=1.0 | - | - | - | - |" in table
+    assert "| test_acc_final | 0.5 | 0.6 | 0.8 | 0.9 | 0.55 | 0.5 - 0.6 | 0.85 | 0.8 - 0.9 |" in table
+    other = tmp_path / "modular"
+    _fake_run(other, "exp_modular_arith.py", {"weight_decay": 1.0, "seed": 0}, (0.1, 0.5, 1.0))
+    for bad, message in (([runs[0], other], "different scripts"), ([runs[0], runs[0]], "given twice")):
+        proc = subprocess.run([sys.executable, str(REPO / "common.py"), "compare", *map(str, bad), "--out",
+                               str(tmp_path / "x.png")], capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "x.png").exists()

@@ -1,0 +1,100 @@
+"""The command line as a student meets it: help, numbers, abbreviations, resume and Ctrl-C, local MNIST
+folders, provenance without git."""
+import gzip
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_scripts import ENV, REPO, records, run_script
+
+MODULAR_QUICK = ["--quick", "--steps", "200"]
+
+
+def test_common_help_exits_0_and_no_arguments_exit_2():
+    proc = subprocess.run([sys.executable, str(REPO / "common.py"), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "compare" in proc.stdout and "split-mnist" in proc.stdout
+    proc = subprocess.run([sys.executable, str(REPO / "common.py")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_whole_numbers_take_scientific_notation_and_flags_are_never_abbreviated(tmp_path):
+    sys.path.insert(0, str(REPO))
+    import common
+    import exp_modular_arith
+    assert common.parse_config(exp_modular_arith.Config, ["--steps", "5e3"]).steps == 5000
+    for argv, message in ((["--steps", "5.5"], "not a whole number"), (["--step", "5"], "unrecognized arguments")):
+        proc = run_script("exp_modular_arith.py", *argv, "--out", tmp_path / "run", ok=False)
+        assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_resume_without_a_run_is_refused_and_writes_nothing(tmp_path):
+    proc = run_script("exp_modular_arith.py", "--out", tmp_path / "typo", "--resume", ok=False)
+    assert proc.returncode == 2 and "no run in" in proc.stderr and not (tmp_path / "typo").exists()
+    assert "Traceback" not in proc.stderr
+
+
+def test_resume_says_its_step_and_a_finished_run_is_left_as_it_is(tmp_path):
+    out = tmp_path / "run"
+    run_script("exp_modular_arith.py", *MODULAR_QUICK, "--out", out)
+    proc = run_script("exp_modular_arith.py", "--out", out, "--resume", "--steps", "300")
+    assert "resumed from the checkpoint at step 200" in proc.stdout
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    proc = run_script("exp_modular_arith.py", "--out", out, "--resume")
+    assert "nothing to do" in proc.stdout
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
+    info = json.loads((out / "config.json").read_text())
+    assert info["script"] == "exp_modular_arith.py"
+    assert set(info["code_sha256"]) == {"exp_modular_arith.py", "common.py"}
+
+
+def test_ctrl_c_ends_with_one_line_and_the_command_to_continue(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(REPO / "exp_modular_arith.py"), "--device", "cpu", "--quick",
+                             "--steps", "1000000", "--evals", "60", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "checkpoint.pt").exists() and len(records(out)) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert f"continue with: python exp_modular_arith.py --out {out} --resume" in err
+    step = records(out)[-1]["step"]
+    assert f"at step {step}" in err
+    resumed = run_script("exp_modular_arith.py", "--out", out, "--resume", "--steps", str(step + 10))
+    assert f"resumed from the checkpoint at step {step}" in resumed.stdout
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_mnist_from_a_plain_folder_of_the_four_files(tmp_path, mnist_dir, compress):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for f in (mnist_dir / "MNIST" / "raw").iterdir():
+        data = f.read_bytes()
+        (plain / (f.name + (".gz" if compress else ""))).write_bytes(gzip.compress(data) if compress else data)
+    run_script("exp_mnist_mlp.py", "--quick", "--no-download", "--data-dir", plain, "--out", tmp_path / "run")
+    assert records(tmp_path / "run")[-1]["step"] > 0
+
+
+def test_a_test_set_only_copy_gets_the_split_command_which_works(tmp_path, mnist_dir):
+    only_test = tmp_path / "only_test"
+    only_test.mkdir()
+    for f in (mnist_dir / "MNIST" / "raw").glob("t10k-*"):
+        shutil.copy(f, only_test / f.name)
+    proc = run_script("exp_mnist_mlp.py", "--quick", "--no-download", "--data-dir", only_test, "--out",
+                      tmp_path / "run", ok=False)
+    assert proc.returncode == 2 and "only the test files" in proc.stderr and "split-mnist" in proc.stderr
+    split = subprocess.run([sys.executable, str(REPO / "common.py"), "split-mnist", str(only_test),
+                            str(tmp_path / "split"), "--train", "60"], capture_output=True, text=True)
+    assert split.returncode == 0, split.stderr
+    sys.path.insert(0, str(REPO))
+    import common
+    x_train, y_train, x_test, y_test = common.load_mnist(tmp_path / "split", download=False)
+    x_all = common.read_idx(only_test / "t10k-images-idx3-ubyte")
+    assert len(x_train) == 60 and len(x_test) == len(x_all) - 60
+    assert (x_train == x_all[:60]).all() and (x_test == x_all[60:]).all()
