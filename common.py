@@ -918,7 +918,10 @@ def cli(main, config_class, argv=None):
 # Fields that may change when a run is resumed: the schedule (a longer run, other evaluation steps:
 # every record depends only on its step, see measure), where the data and the run live, and how
 # the step is executed. Every other field defines the experiment.
-RESUMABLE = ("steps", "evals", "rank_every", "device", "data_dir", "download", "compile", "out", "resume")
+# (--compile is not among them: compiled kernels round differently, so the numbers change. --device
+# is, although another device type rounds differently too: moving a run between machines is what
+# resume is for; each resume's device is recorded in config.json.)
+RESUMABLE = ("steps", "evals", "rank_every", "device", "data_dir", "download", "out", "resume")
 POSITIVE_INTS = ("width", "depth", "steps", "batch_size", "evals", "rank_every", "lc_directions", "lc_points",
                  "lc_batch", "pgd_steps", "pgd_restarts", "pgd_points", "rank_points", "partition_resolution",
                  "resolution", "p")
@@ -995,6 +998,11 @@ def parse_config(cls, argv=None):
             stored = json.loads(stored_path.read_text())["config"]
         except (ValueError, KeyError) as e:
             die(f"{stored_path} is not a config this toolkit wrote ({e}); start a new run with another --out")
+        info = json.loads(stored_path.read_text())
+        made_by = script_of(info)
+        this = Path(sys.argv[0]).name
+        if made_by and this.startswith("exp_") and made_by != this:
+            die(f"--resume: {values['out']} holds a run of {made_by}, not of {this}; resume it with {made_by}")
         fields = {f.name for f in dataclasses.fields(cls)}
         stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields}
         newer = sorted(fields - set(stored) - set(RESUMABLE))
@@ -1029,6 +1037,12 @@ def check_config(cfg, input_dim=None):
             die(f"{flag} {value}: must be a positive whole number")
         elif f.name in NON_NEGATIVE_INTS and not value >= 0:
             die(f"{flag} {value}: must be 0 or more" + (" (0: all the training data)" if f.name == "train_size" else ""))
+        elif f.name == "seed" and value >= 2**32:
+            die(f"{flag} {value}: must be below 2^32 (the measurements' generators are seeded from it)")
+        elif f.name == "train_size" and 0 < value < 3:
+            die(f"{flag} {value}: at least 3 training examples (the partition pictures need three), or 0 for all")
+        elif f.name == "rank_points" and value < 2:
+            die(f"{flag} {value}: at least 2 points (a covariance needs two)")
         elif f.name in POSITIVE_FLOATS and not (math.isfinite(value) and value > 0):
             die(f"{flag} {value}: must be a finite number above 0")
         elif f.name in NON_NEGATIVE_FLOATS and not (math.isfinite(value) and value >= 0):
@@ -1062,6 +1076,8 @@ def check_data(source, x_train, y_train, x_test, y_test, image_shape, n_classes)
             die(f"{source}: no {split} images")
         if y.min() < 0 or y.max() >= n_classes:
             die(f"{source}: {split} labels must lie in 0..{n_classes - 1}, found {int(y.min())}..{int(y.max())}")
+    if len(torch.unique(y_train)) < 2:
+        die(f"{source}: every training label is {int(y_train[0])}; a classifier needs at least two classes")
 
 
 def read_idx(path):
@@ -1206,6 +1222,12 @@ def git_commit():
         return None
 
 
+def script_of(info):
+    """The script that made a run, from its config.json (older runs: from the command line)."""
+    words = info.get("command", "").split()
+    return info.get("script") or (Path(words[1]).name if len(words) > 1 else None)
+
+
 def code_hashes():
     """sha256 of the running script and of common.py: identifies the code of a run made outside a
     git checkout (a script copied into coursework)."""
@@ -1262,6 +1284,17 @@ def start_run(out, config, device, notes=None):
         raise SystemExit(0)
     if has_checkpoint:
         stored = json.loads((run / "config.json").read_text())
+        if "data" in stored and "data" in info and stored["data"] != info["data"]:
+            die(f"--resume: {run} was trained on other data (shapes {stored['data']['shapes']}, hash "
+                f"{stored['data']['sha256']}; now {info['data']['shapes']}, {info['data']['sha256']}); point --data-dir "
+                f"at the data it ran on, or start a new --out")
+        saved = state.get("config")
+        if saved is not None:
+            edited = [k for k, v in json.loads(json.dumps(saved)).items()
+                      if k not in RESUMABLE and stored["config"].get(k) != v]
+            if edited:
+                die(f"--resume: {run}/config.json no longer matches its checkpoint ({', '.join(edited)} differ); "
+                    f"restore config.json or start a new --out")
         changed = {k: v for k, v in json.loads(json.dumps(info["config"])).items() if stored["config"].get(k) != v}
         stored.setdefault("resumed", []).append({k: info[k] for k in ("command", "git_commit", "device", "started")}
                                                 | {"changed": changed})
@@ -1274,10 +1307,28 @@ def start_run(out, config, device, notes=None):
             os.replace(run / "metrics.jsonl", run / "metrics.failed.jsonl")
             print(f"{run}: the metrics of the attempt that stopped before its first checkpoint are kept in "
                   f"metrics.failed.jsonl")
-    tmp = run / "config.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, run / "config.json")
+    write_atomic(run / "config.json", json.dumps(info, indent=2))
     return run, state
+
+
+def write_atomic(path, text):
+    """Writes a file the run owns in one step (a temporary file, then a rename): a kill or a full
+    disk mid-write leaves the old file whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def data_fingerprint(*tensors):
+    """Shapes and a hash of the data actually loaded (train and test tensors): a moved folder keeps
+    its fingerprint, other contents do not. For config.json, so --resume can refuse other data."""
+    import hashlib
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(str((tuple(t.shape), str(t.dtype))).encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return {"shapes": [list(t.shape) for t in tensors], "sha256": digest.hexdigest()[:20]}
 
 
 def _strict(value):
@@ -1313,7 +1364,7 @@ def read_metrics(run, up_to_step=None):
 def truncate_metrics(run, step):
     """On resume: keep only the records up to the checkpoint's step (later ones will be redone)."""
     records = read_metrics(run, up_to_step=step)
-    (Path(run) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_atomic(Path(run) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
 
 def write_csv(run):
@@ -1328,7 +1379,11 @@ def write_csv(run):
 def save_checkpoint(run, model, optimizer, step, generators):
     """Model, optimiser, step and every RNG state (the global ones and the named generators, e.g.
     the batches'), written atomically (tmp file, then rename)."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+    try:  # the experiment as config.json states it, so a resume can tell whether that file was edited
+        config = json.loads((Path(run) / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        config = None
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": config,
              "rng_cpu": torch.get_rng_state(), "generators": {k: g.get_state() for k, g in generators.items()},
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     tmp = Path(run) / "checkpoint.pt.tmp"
@@ -1395,7 +1450,7 @@ def onset_summary(records):
 def write_summary(run, time_report=None):
     """summary.json: the onsets of the logged records, plus a time breakdown when given."""
     summary = {**onset_summary(read_metrics(run)), **({"time": time_report} if time_report else {})}
-    (Path(run) / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(Path(run) / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -1563,8 +1618,7 @@ def run_groups(folders):
             infos[folder] = json.loads((Path(folder) / "config.json").read_text())
         except (OSError, ValueError):
             infos[folder] = {"config": {}}
-    scripts = {f: i.get("script") or (Path(i["command"].split()[1]).name if len(i.get("command", "").split()) > 1
-                                      else None) for f, i in infos.items()}
+    scripts = {f: script_of(i) for f, i in infos.items()}
     for what, of in (("script", lambda f: scripts[f]), ("data set", lambda f: infos[f]["config"].get("dataset"))):
         kinds = {of(f) for f in folders}
         if len(kinds) > 1:

@@ -96,7 +96,8 @@ def main(cfg):
     subset = common.take_train_subset(cfg, len(x_train), data_gen)
     std = torch.tensor(STD).reshape(3, 1, 1)
     run, checkpoint = common.start_run(cfg.out, cfg, device, {"pixel_units": common.pixel_units(cfg, STD),
-                                                            "normalisation": common.normalisation_note(NORMALISATION)})
+                                                            "normalisation": common.normalisation_note(NORMALISATION),
+                                                            "data": common.data_fingerprint(x_train, y_train, x_test, y_test)})
     # the data lives on the device as float tensors in [0, 1], NCHW; batches are drawn by indexing
     x_train = x_train[subset].permute(0, 3, 1, 2).float().div(255).to(device)
     y_train = y_train[subset].to(device)

@@ -158,8 +158,9 @@ def load_imagenette(cfg):
         tmp = cache.with_suffix(".tmp")
         torch.save(tensors, tmp)
         os.replace(tmp, cache)
-    except OSError as e:
-        warnings.warn(f"cannot cache the decoded images in {found} ({e.strerror}); they will be decoded again next time")
+    except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError on a read-only folder or a full disk
+        warnings.warn(f"cannot cache the decoded images in {found} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}); "
+                      "they will be decoded again next time")
     return tensors
 
 
@@ -227,7 +228,8 @@ def main(cfg):
     n_classes = int(y_train.max()) + 1
     std = common.NORMALISATIONS[normalisation(cfg)][1]
     run, checkpoint = common.start_run(cfg.out, cfg, device, {"pixel_units": common.pixel_units(cfg, std),
-                                                            "normalisation": common.normalisation_note(normalisation(cfg))})
+                                                            "normalisation": common.normalisation_note(normalisation(cfg)),
+                                                            "data": common.data_fingerprint(x_train, y_train, x_test, y_test)})
     # the training data lives on the device as uint8 (4x smaller); each batch becomes float in [0, 1] there
     x_train, y_train = x_train.to(device), y_train.to(device)
     test_order = torch.randperm(len(x_test), generator=data_gen)  # folders are sorted by class

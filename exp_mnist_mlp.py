@@ -93,7 +93,8 @@ def main(cfg):
     with timer("setup"):
         x_train, y_train, x_test, y_test = common.load_mnist(cfg.data_dir, cfg.dataset, cfg.download)
     subset = common.take_train_subset(cfg, len(x_train), data_gen)
-    run, checkpoint = common.start_run(cfg.out, cfg, device)
+    run, checkpoint = common.start_run(cfg.out, cfg, device, {"data": common.data_fingerprint(
+        x_train, y_train, x_test, y_test)})
     # the data lives on the device as float tensors in [0, 1]; batches are drawn by indexing
     x_train, y_train = x_train[subset].unsqueeze(1).float().div(255).to(device), y_train[subset].to(device)
     x_test, y_test = x_test.unsqueeze(1).float().div(255).to(device), y_test.to(device)

@@ -100,7 +100,7 @@ def tf32_check(args, out):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--budget-minutes", type=float, default=9.0, help="wall-clock budget for the whole suite")
     parser.add_argument("--out", default=str(REPO / "results" / "gpu"), help="parent folder of the run folders")
     parser.add_argument("--device", default="auto", help="passed to every script")
@@ -115,7 +115,16 @@ def main():
                         help="only the TF32 check of LC (run first anyway when a GPU is present, and in --smoke)")
     parser.add_argument("--tf32-points", type=int, default=128, help="images of the TF32 check")
     args = parser.parse_args()
-    out = Path(args.out)
+    names = [name for name, *_ in SETTINGS]
+    if not (math.isfinite(args.budget_minutes) and args.budget_minutes > 0):
+        parser.error(f"--budget-minutes {args.budget_minutes}: must be a finite number of minutes above 0")
+    unknown = sorted(set(args.only or []) - set(names))
+    if unknown:
+        parser.error(f"--only {' '.join(unknown)}: no such setting; choose from {', '.join(names)}")
+    if args.slice_steps < 1 or args.tf32_points < 1:
+        parser.error("--slice-steps and --tf32-points must be positive whole numbers")
+    # smoke runs get their own subfolder: a later real suite never resumes (or reports) a smoke run
+    out = Path(args.out) / "smoke" if args.smoke else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + 60 * args.budget_minutes
     import torch

@@ -58,7 +58,7 @@ def suite(tmp_path_factory, mnist_dir, cifar_npz, image_folder):
                            "--cifar", str(cifar_npz), "--imagenette", str(image_folder)],
                           capture_output=True, text=True, env=ENV, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout
+    return out / "smoke", proc.stdout
 
 
 def test_paper_suite_smoke_runs_every_setting_and_tabulates_them(suite):
@@ -73,6 +73,28 @@ def test_paper_suite_smoke_runs_every_setting_and_tabulates_them(suite):
     for line, (_, _, _, _, paper) in zip(table[2:], SETTINGS):
         assert "| smoke |" in line and f"| {paper} | test " in line  # the paper's numbers beside ours
     assert stdout.rstrip().endswith(table[-1])  # the table is printed too
+
+
+def test_suite_smoke_has_its_own_folder_and_a_rerun_reports_the_stored_runs(suite):
+    out, _ = suite
+    assert out.name == "smoke" and (out / "tf32_check.md").read_text().count("| cifar10_") == 4
+    before = {p: p.read_bytes() for p in out.rglob("summary.json")}
+    table = (out / "suite.md").read_text()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "paper_suite.py"), "--smoke", "--device", "cpu",
+                           "--out", str(out.parent), "--mnist5k", "/nonexistent", "--only", "modular_arith"],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {p: p.read_bytes() for p in out.rglob("summary.json")} == before  # speeds not zeroed
+    row = next(line for line in table.splitlines() if line.startswith("| modular_arith |"))
+    assert row in (out / "suite.md").read_text()  # the stored figures, not a no-op's
+
+
+@pytest.mark.parametrize("args, message", [(["--budget-minutes", "nan"], "finite"), (["--budget-minutes", "0"], "above 0"),
+                                           (["--only", "mnist_mpl"], "no such setting")])
+def test_suite_flags_are_checked(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "paper_suite.py"), "--out", str(tmp_path / "s"),
+                           *args], capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "s").exists()
 
 
 def test_modular_arith_quick(suite):

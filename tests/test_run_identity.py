@@ -1,0 +1,130 @@
+"""A run knows what it is: --resume refuses another script's folder, other data, an edited config.json
+and a changed --compile, before anything is written; a kill during the metrics rewrite loses nothing;
+the data and sizes that cannot work are refused up front; a real torch.save failure is survived."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from test_reliability import refused
+from test_scripts import ENV, REPO, run_script
+
+QUICK = ["--quick", "--no-download", "--steps", "20"]
+
+
+@pytest.fixture
+def mnist_run(tmp_path, mnist_dir):
+    out = tmp_path / "run"
+    run_script("exp_mnist_mlp.py", *QUICK, "--data-dir", mnist_dir, "--out", out)
+    return out
+
+
+def snapshot(out):
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+def test_resume_refuses_another_scripts_folder(mnist_run):
+    before = snapshot(mnist_run)
+    refused(run_script("exp_deep_mlp_rank.py", "--out", mnist_run, "--resume", ok=False),
+            "holds a run of exp_mnist_mlp.py, not of exp_deep_mlp_rank.py")
+    assert snapshot(mnist_run) == before
+
+
+def test_resume_refuses_other_data_but_takes_a_moved_copy(tmp_path, mnist_dir, mnist_run):
+    other = tmp_path / "other"
+    shutil.copytree(mnist_dir, other)
+    moved = tmp_path / "moved"
+    shutil.copytree(mnist_dir, moved)
+    image = other / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    data = bytearray(image.read_bytes())
+    data[-1] ^= 0xFF  # one pixel of one test image
+    image.write_bytes(bytes(data))
+    before = snapshot(mnist_run)
+    refused(run_script("exp_mnist_mlp.py", "--out", mnist_run, "--resume", "--steps", "40", "--data-dir", other,
+                       ok=False), "was trained on other data")
+    assert snapshot(mnist_run) == before
+    run_script("exp_mnist_mlp.py", "--out", mnist_run, "--resume", "--steps", "40", "--data-dir", moved)
+
+
+def test_resume_refuses_an_edited_config_and_a_changed_compile(mnist_run):
+    path = mnist_run / "config.json"
+    info = json.loads(path.read_text())
+    info["config"]["lr"] = 0.05  # edited by hand: the checkpoint's optimiser still runs at 1e-3
+    path.write_text(json.dumps(info))
+    before = snapshot(mnist_run)
+    refused(run_script("exp_mnist_mlp.py", "--out", mnist_run, "--resume", "--steps", "40", ok=False),
+            "config.json no longer matches its checkpoint (lr differ)")
+    assert snapshot(mnist_run) == before
+    info["config"]["lr"] = 0.001
+    path.write_text(json.dumps(info))
+    refused(run_script("exp_mnist_mlp.py", "--out", mnist_run, "--resume", "--compile", ok=False),
+            "holds a run with --compile False")
+
+
+def test_a_kill_during_the_metrics_rewrite_loses_no_record(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [json.dumps({"step": i, "train_acc": 0.5, "pad": "x" * 1000}) for i in range(40_000)]
+    original = "\n".join(lines) + "\n"
+    kept = "".join(line + "\n" for line in lines[:20_001])
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import common; print('go', flush=True); "
+            f"common.truncate_metrics({str(run)!r}, 20000)")
+    path = run / "metrics.jsonl"
+    path.write_text(original)
+    size = path.stat().st_size
+    proc = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "go"
+    # kill the moment the rewrite touches the folder: a file appears or metrics.jsonl changes size
+    while proc.poll() is None and path.stat().st_size == size and len(list(run.iterdir())) == 1:
+        pass
+    proc.kill()
+    proc.wait()
+    assert path.read_text() in (original, kept)  # the old file or the new one, whole: never a half-written file
+    subprocess.run([sys.executable, "-c", code], env=ENV, check=True, stdout=subprocess.DEVNULL)
+    assert path.read_text() == kept and sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train-size", "2"], "--train-size 2: at least 3"),
+    (["--rank-points", "1"], "--rank-points 1: at least 2"),
+    (["--seed", str(2**40)], "must be below 2^32"),
+])
+def test_sizes_that_cannot_work_are_refused_up_front(tmp_path, mnist_dir, args, message):
+    out = tmp_path / "run"
+    refused(run_script("exp_mnist_mlp.py", *QUICK, "--data-dir", mnist_dir, *args, "--out", out, ok=False), message,
+            out)
+
+
+def test_a_one_class_data_set_is_refused(tmp_path):
+    path = tmp_path / "one_class.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.integers(0, 256, (50, 32, 32, 3)).astype(np.uint8), y_train=np.zeros(50, np.uint8),
+             x_test=rng.integers(0, 256, (10, 32, 32, 3)).astype(np.uint8), y_test=np.zeros(10, np.uint8))
+    out = tmp_path / "run"
+    refused(run_script("exp_cifar_cnn.py", "--quick", "--data-dir", path, "--out", out, ok=False),
+            "needs at least two classes", out)
+
+
+def test_a_real_torch_save_failure_on_the_image_cache_is_survived(tmp_path, image_folder):
+    import exp_imagenette_resnet
+    folder = tmp_path / "images"
+    shutil.copytree(image_folder, folder)
+    for old in folder.glob("tensors_*"):
+        old.unlink()
+    cfg = common.parse_config(exp_imagenette_resnet.Config, ["--quick", "--data-dir", str(folder), "--no-download"])
+    key_files = sorted(p for split in ("train", "val") for p in (folder / split).rglob("*") if p.is_file())
+    assert key_files
+    exp_imagenette_resnet.load_imagenette(cfg)  # writes the cache: learn its name, then block it
+    cache = next(folder.glob("tensors_*.pt"))
+    cache.unlink()
+    cache.with_suffix(".tmp").mkdir()  # the real torch.save cannot open its temporary file
+    with pytest.raises(RuntimeError):
+        torch.save([torch.zeros(1)], cache.with_suffix(".tmp"))
+    with pytest.warns(UserWarning, match="cannot cache the decoded images"):
+        x_train = exp_imagenette_resnet.load_imagenette(cfg)[0]
+    assert len(x_train) > 0 and not cache.exists()
