@@ -92,24 +92,20 @@ def sync(device):
 
 
 @contextlib.contextmanager
+def tf32_flags(allowed):
+    """Both of PyTorch's TF32 flags (CUDA matmuls, cuDNN convolutions) set for the duration, then
+    restored."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 def exact_float32():
     """TF32 rounds to ~1e-3 relative: far coarser than an LC radius of 5e-3 or 1e-4. Turn it off."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-@contextlib.contextmanager
-def _tf32_on():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    return tf32_flags(False)
 
 
 @contextlib.contextmanager
@@ -317,7 +313,7 @@ def local_complexity(model, x, radius, directions, batch_size=64, zero_is_a_sign
         raise ValueError(f"directions have dim {v.shape[1]} but a point has {x[0].numel()} entries")
     offsets = radius * torch.cat([v, -v])  # (2P, D): the cross-polytope's vertices around 0
     chunks = []
-    with torch.no_grad(), (_tf32_on() if tf32 else exact_float32()), eval_mode(model):
+    with torch.no_grad(), tf32_flags(tf32), eval_mode(model):
         for start in range(0, n_points, batch_size):
             xb = x[start:start + batch_size].to(device=device, dtype=dtype)
             b = xb.shape[0]
@@ -452,6 +448,12 @@ def _as_features(pre):
 
 def layer_ranks(model, x, batch_size=1024):
     """(feature_rank, effective_rank) of the input of every ReLU layer on the points x.
+
+    What "rank" means per layer: for a dense layer (N, d), the rank of the d x d covariance of its
+    pre-activations over the N points (at most min(N - 1, d)); for a conv layer (N, C, H, W), every
+    spatial position of every point is a sample of C channels, so it is the rank of the C x C
+    channel covariance over N * H * W samples (at most C); for a sequence (N, T, d), of the d x d
+    covariance over N * T tokens.
 
     The features are those of the network itself, as Deep Grokking computes them: a float64 copy
     of the model (same weights) runs the forward pass, whatever dtype the model trains in. Float32

@@ -22,18 +22,7 @@ class Scaled(nn.Module):
 
 def hard_mlp(seed=0):
     """Overlapping blobs: a trained MLP that is right on most points but not all, and fooled at eps 0.5."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.cat([0.45 + 0.1 * torch.randn(200, 10, generator=g), 0.55 + 0.1 * torch.randn(200, 10, generator=g)])
-    x = x.clamp(0, 1)
-    y = torch.cat([torch.zeros(200), torch.ones(200)]).long()
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 2))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(300):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model, x, y
+    return trained_mlp(seed, centres=(0.45, 0.55), spread=0.1, steps=300)
 
 
 @pytest.mark.parametrize("k", [2.0, 16.0, 1024.0])

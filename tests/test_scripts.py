@@ -13,8 +13,40 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def run_script(name, *args, ok=True):
-    proc = subprocess.run([sys.executable, str(REPO / name), "--device", "cpu", *map(str, args)],
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    """`python <name> --device cpu <args>` as a user types it, run in this process (as `python` would
+    run it: __main__, sys.argv, stdout and stderr captured, warnings printed to stderr, the exit code
+    from SystemExit, a traceback on a crash), which spares an interpreter and a torch import a call.
+    Tests that kill, interrupt or lock need a real process and use subprocess themselves."""
+    import contextlib
+    import io
+    import runpy
+    import traceback
+    import warnings
+    sys.path.insert(0, str(REPO))
+    import common
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = [str(REPO / name), "--device", "cpu", *map(str, args)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.resetwarnings()  # a fresh interpreter's filters, not pytest's
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = lambda m, c, f, n, file=None, line=None: err.write(warnings.formatwarning(m, c, f, n))
+            try:
+                runpy.run_path(str(REPO / name), run_name="__main__")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:
+                traceback.print_exc(file=err)
+                code = 1
+    finally:
+        sys.argv = argv
+        for lock in common._LOCKS:  # a process's run-folder locks end with it
+            lock.close()
+        common._LOCKS.clear()
+    proc = subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
     if ok:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
