@@ -993,6 +993,9 @@ def parse_config(cls, argv=None):
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(_parser(cls, False).parse_args(argv)).items()}
     stored_path = Path(values["out"]) / "config.json"
     if values["resume"] and not stored_path.exists():
+        if (Path(values["out"]) / "checkpoint.pt").exists():
+            die(f"--resume: {values['out']} has a checkpoint but no config.json (deleted?); without it the run cannot "
+                f"be continued safely: restore config.json, or start a new --out")
         die(f"--resume: there is no run in {values['out']} (no config.json); check --out, or drop --resume to start "
             f"a new run there")
     if values["resume"] and (Path(values["out"]) / "checkpoint.pt").exists():
@@ -1279,7 +1282,10 @@ def start_run(out, config, device, notes=None):
             "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
             "threads": torch.get_num_threads(), "git_commit": git_commit(), "script": Path(sys.argv[0]).name,
             "code_sha256": code_hashes(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"), **(notes or {})}
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "normalisation": {"name": "none", "source": "the model sees its inputs as given: [0, 1] pixels (one-hot "
+                                                       "entries for modular arithmetic); radii are in those units"},
+            **(notes or {})}
     state = read_checkpoint(run, config.steps) if has_checkpoint else None
     if state is not None and int(state["step"]) == config.steps and (run / "summary.json").exists():
         print(f"{run} finished at step {config.steps}: nothing to do, nothing changed (give --steps N to extend it)")
@@ -1410,8 +1416,12 @@ def read_checkpoint(run, steps):
 def restore(run, state, model, optimizer, generators):
     """Loads a checkpoint read by start_run into the model, optimiser and RNGs, drops the records
     logged after it (they will be redone) and returns its step."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        die(f"--resume: the checkpoint in {run} does not fit this script's model ({str(e).splitlines()[0][:120]}); "
+            f"was it made by another version of the code? Start a new --out")
     torch.set_rng_state(state["rng_cpu"])
     for k, g in generators.items():
         g.set_state(state["generators"][k])
@@ -1522,6 +1532,8 @@ def radius_units(run):
         info = json.loads((Path(run) / "config.json").read_text())
     except (OSError, ValueError):
         return "units of r and ε: see the script"
+    if info.get("normalisation", {}).get("name") == "none":
+        return "r and ε in input units ([0, 1] pixels; one-hot entries for modular arithmetic)"
     if "normalisation" in info:
         return f"r and ε in normalised units ({info['normalisation']['name']} mean/std; config.json: pixel_units)"
     if "pixel_units" in info:
@@ -1688,6 +1700,8 @@ if __name__ == "__main__":
         parser.add_argument("--at", type=float, nargs="*", default=[], help="steps at which to tabulate --keys")
         parser.add_argument("--keys", nargs="*", default=[], help="metrics to tabulate at --at steps")
         args = parser.parse_args(sys.argv[2:])
+        if any(not (math.isfinite(a) and a > 0) for a in args.at):
+            die(f"--at {' '.join(map(str, args.at))}: steps must be finite and above 0")
         print(compare_runs(args.runs, args.out, args.at, args.keys))
         print(f"figure: {args.out}")
     else:
