@@ -1385,8 +1385,8 @@ def write_csv(run):
 
 
 def save_checkpoint(run, model, optimizer, step, generators):
-    """Model, optimiser, step and every RNG state (the global ones and the named generators, e.g.
-    the batches'), written atomically (tmp file, then rename)."""
+    """Model, optimiser, step, the config and every RNG state (the global ones and the named
+    generators, e.g. the batches'), written atomically (tmp file, then rename)."""
     try:  # the experiment as config.json states it, so a resume can tell whether that file was edited
         config = json.loads((Path(run) / "config.json").read_text())["config"]
     except (OSError, ValueError, KeyError):
@@ -1394,8 +1394,14 @@ def save_checkpoint(run, model, optimizer, step, generators):
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": config,
              "rng_cpu": torch.get_rng_state(), "generators": {k: g.get_state() for k, g in generators.items()},
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    import io
+    buffer = io.BytesIO()  # serialised in memory, written by plain file I/O: a full disk raises OSError (ENOSPC)
+    torch.save(state, buffer)  # where torch.save's own writer raises an obscure RuntimeError
     tmp = Path(run) / "checkpoint.pt.tmp"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, Path(run) / "checkpoint.pt")
 
 

@@ -128,3 +128,21 @@ def test_a_real_torch_save_failure_on_the_image_cache_is_survived(tmp_path, imag
     with pytest.warns(UserWarning, match="cannot cache the decoded images"):
         x_train = exp_imagenette_resnet.load_imagenette(cfg)[0]
     assert len(x_train) > 0 and not cache.exists()
+
+
+def test_out_of_memory_ends_in_one_line(tmp_path):
+    # a real allocation failure: a 200k-wide hidden layer needs a 160 GB weight matrix
+    out = tmp_path / "run"
+    proc = run_script("exp_modular_arith.py", "--quick", "--width", "200000", "--out", out, ok=False)
+    refused(proc, "out of memory")
+    assert "lower --batch-size" in proc.stderr
+
+
+def test_a_full_disk_ends_in_one_line_and_keeps_the_metrics(tmp_path):
+    # a real ENOSPC: the checkpoint's temporary file is /dev/full, where every write fails
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt.tmp").symlink_to("/dev/full")
+    proc = run_script("exp_modular_arith.py", "--quick", "--out", out, ok=False)
+    refused(proc, "the disk is full")
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0]
