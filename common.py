@@ -631,10 +631,10 @@ def measure(model, cfg, probes, timer, step, full=True):
     normalised units into pixel units) and ce32_box ((lo, hi) of the papers' attack, when its clamp
     differs). Both attacks run at every eps (pgd_acc_<eps>: the default, masking-free attack;
     pgd_ce32_acc_<eps>: the papers', from x as their code does, or with cfg.ce32_random_start from
-    the default attack's random starts), with the logit margins'
-    quantiles (margin_p10/p50/p90) and zero_grad_frac on the same points (see pgd_attack). LC (mean and 99% CI) is also taken at points on the
-    decision boundary between test points. cfg names the settings: lc_radius, lc_batch, pgd_eps,
-    pgd_alpha, pgd_steps, pgd_restarts. PGD's random starts come from a generator seeded by
+    the default attack's random starts), with the logit margins' quantiles (margin_p10/p50/p90)
+    and zero_grad_frac on the same points (see pgd_attack). LC (mean and 99% CI) is also taken at
+    points on the decision boundary between test points. cfg names the settings: lc_radius,
+    lc_batch, pgd_eps, pgd_alpha, pgd_steps, pgd_restarts, ce32_random_start. PGD's random starts come from a generator seeded by
     (seed, step), so a step's numbers do not depend on which steps were evaluated before it
     (a resumed or extended run gives the same records). full=False measures only rank and norm."""
     rec = {}
@@ -1669,7 +1669,10 @@ def compare_runs(folders, path, at=(), keys=()):
             near = min(records[f], key=lambda r: abs(math.log((r["step"] or 0.5) / step)))
             summaries[f].update({f"{k} at ~{step:g} (step {near['step']})": near.get(k) for k in keys})
     several = {label: members for label, members in groups.items() if len(members) > 1}
-    heads = [f"{label} mean | {label} min - max" for label in several] if len(groups) > 1 else ["mean | min - max"] * bool(several)
+    if len(groups) > 1:
+        heads = [f"{label} mean | {label} min - max" for label in several]
+    else:
+        heads = ["mean | min - max"] * bool(several)
     lines = ["| quantity | " + " | ".join(Path(f).name for f in folders) + "".join(f" | {h}" for h in heads) + " |",
              "|---" * (1 + len(folders) + 2 * len(heads)) + "|"]
     if len(groups) > 1:

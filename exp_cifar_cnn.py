@@ -7,11 +7,14 @@ accuracy; PGD accuracy stays near 10% until ~5.6e4 steps, then rises (~51% at 1.
 2.6e5) while the local complexity descends, ascends and descends again (11.5 -> 8 -> 16 -> 7).
 Choices where the paper is silent: 3x3 convs with strides 1,2,1,2,1 (32->16->8 px), batch 128.
 Units, as the authors' code: inputs are normalised by CIFAR-10's true mean/std inside the model
-(common.NORMALISATIONS["cifar10_true"]: the Fig. 6a code is unreleased, and with these constants LC
-at init matches the figure; the papers' attack clamps to [0, 1] here), and the LC radius (r=0.005, P=20) and PGD's eps and alpha are in those *normalised* units (a radius r
-is r * std_c in [0, 1] pixels, about r/4); the run prints and stores (config.json, pixel_units)
-the pixel equivalents. PGD: eps 8/255, 25/255 and 50/255 (the ends and middle of the paper's
-range), alpha 4/255, 10 steps, random start, on 1024 test images.
+(common.NORMALISATIONS["cifar10_true"]: the Fig. 6a code is unreleased, and with these constants
+LC at init matches the figure), and the LC radius (r=0.005, P=20) and PGD's eps and alpha are in
+those *normalised* units (a radius r is r * std_c in [0, 1] pixels, about r/4); the run prints and
+stores (config.json: pixel_units, normalisation) the pixel equivalents. PGD: eps 8/255, 25/255 and
+50/255 (the ends and middle of the paper's range), alpha 4/255, 10 steps, on 1024 test images,
+twice: the toolkit's attack (random start; robustness) and the papers' (float32 cross-entropy
+from the clean point, clamped to [0, 1] here; README, "Two PGD attacks"), with logit margins and
+the zero-gradient fraction.
 
     python exp_cifar_cnn.py                                    # 2.6e5 steps on the full CIFAR-10
     python exp_cifar_cnn.py --quick                            # seconds, the same code path
