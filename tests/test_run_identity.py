@@ -130,6 +130,14 @@ def test_a_real_torch_save_failure_on_the_image_cache_is_survived(tmp_path, imag
     assert len(x_train) > 0 and not cache.exists()
 
 
+def _overcommits_always():
+    try:
+        return open("/proc/sys/vm/overcommit_memory").read().strip() == "1"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(_overcommits_always(), reason="this kernel would grant 160 GB and then kill the process")
 def test_out_of_memory_ends_in_one_line(tmp_path):
     # a real allocation failure: a 200k-wide hidden layer needs a 160 GB weight matrix
     out = tmp_path / "run"
