@@ -499,7 +499,7 @@ PGD_LOSSES = ("log1m", "ce32")
 def _check_radius(name, value):
     t = torch.as_tensor(value, dtype=torch.float64)
     if torch.isnan(t).any() or (t < 0).any():
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        raise ValueError(f"{name} must be a number >= 0 (not NaN), got {value}")
 
 
 def pgd_attack(model, x, y, eps, alpha, steps, random_start=True, restarts=1, lo=0.0, hi=1.0,
@@ -634,9 +634,10 @@ def measure(model, cfg, probes, timer, step, full=True):
     the default attack's random starts), with the logit margins' quantiles (margin_p10/p50/p90)
     and zero_grad_frac on the same points (see pgd_attack). LC (mean and 99% CI) is also taken at
     points on the decision boundary between test points. cfg names the settings: lc_radius,
-    lc_batch, pgd_eps, pgd_alpha, pgd_steps, pgd_restarts, ce32_random_start. PGD's random starts come from a generator seeded by
-    (seed, step), so a step's numbers do not depend on which steps were evaluated before it
-    (a resumed or extended run gives the same records). full=False measures only rank and norm."""
+    lc_batch, pgd_eps, pgd_alpha, pgd_steps, pgd_restarts, ce32_random_start. PGD's random starts
+    come from a generator seeded by (seed, step), so a step's numbers do not depend on which steps
+    were evaluated before it (a resumed or extended run gives the same records). full=False
+    measures only rank and norm."""
     rec = {}
     with timer("rank"):  # first: cheap, and in every evaluation (full=False: only rank and norm)
         for i, (rank, erank) in enumerate(layer_ranks(model, probes["rank_x"])):
@@ -654,6 +655,7 @@ def measure(model, cfg, probes, timer, step, full=True):
             rec[f"lc_{name}"], rec[f"lc_{name}_ci"] = lc_summary(counts)
     x, y = probes["pgd_x"], probes["pgd_y"]
     scale = probes.get("pgd_scale", 1.0)
+    ce32_lo, ce32_hi = probes.get("ce32_box", (probes["lo"], probes["hi"]))
     generator = torch.Generator(x.device).manual_seed(probes["seed"] * 1_000_003 + step)
     for eps in cfg.pgd_eps:
         start = generator.get_state()  # both attacks from the same random starts
@@ -663,9 +665,8 @@ def measure(model, cfg, probes, timer, step, full=True):
                                                    generator=generator)
         with timer("pgd_ce32"):
             ce32_gen = torch.Generator(x.device).set_state(start)
-            lo, hi = probes.get("ce32_box", (probes["lo"], probes["hi"]))
             rec[f"pgd_ce32_acc_{eps:.3g}"] = pgd_accuracy(model, x, y, eps * scale, cfg.pgd_alpha * scale,
-                                                        cfg.pgd_steps, restarts=cfg.pgd_restarts, lo=lo, hi=hi,
+                                                        cfg.pgd_steps, restarts=cfg.pgd_restarts, lo=ce32_lo, hi=ce32_hi,
                                                         generator=ce32_gen, loss="ce32",
                                                         random_start=cfg.ce32_random_start)
     with timer("pgd_ce32"):
@@ -911,7 +912,7 @@ def cli(main, config_class, argv=None):
         if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't allocate" in text:
             die(f"out of memory ({type(e).__name__}); lower --batch-size, --lc-batch, --lc-points, --pgd-points or "
                 f"--rank-points (or the model's size), then start again; what was logged in {cfg.out} is kept")
-        if getattr(e, "errno", None) == 28 or "No space left" in text or "file write failed" in text:
+        if getattr(e, "errno", None) == 28 or "No space left" in text:
             die(f"the disk is full (writing in {cfg.out}); free some space, then continue with: {go_on}")
         raise
 
@@ -1000,10 +1001,10 @@ def parse_config(cls, argv=None):
             f"a new run there")
     if values["resume"] and (Path(values["out"]) / "checkpoint.pt").exists():
         try:
-            stored = json.loads(stored_path.read_text())["config"]
+            info = json.loads(stored_path.read_text())
+            stored = info["config"]
         except (ValueError, KeyError) as e:
             die(f"{stored_path} is not a config this toolkit wrote ({e}); start a new run with another --out")
-        info = json.loads(stored_path.read_text())
         made_by = script_of(info)
         this = Path(sys.argv[0]).name
         if made_by and this.startswith("exp_") and made_by != this:
@@ -1103,13 +1104,15 @@ def read_idx(path):
     return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
 
 
+def idx_file(folder, name):
+    """The IDX file name in folder, plain or .gz as distributed; None when neither is there."""
+    return next((p for p in (Path(folder) / name, Path(folder) / f"{name}.gz") if p.is_file()), None)
+
+
 def split_mnist(source, out, n_train):
     """A test-set-only MNIST copy (t10k-* in source) split in torchvision's layout under out: the
     first n_train digits as train-*, the rest as t10k-* (the real test set is not sorted by class)."""
-    x = read_idx(next(p for p in (Path(source) / "t10k-images-idx3-ubyte", Path(source) / "t10k-images-idx3-ubyte.gz")
-                      if p.is_file()))
-    y = read_idx(next(p for p in (Path(source) / "t10k-labels-idx1-ubyte", Path(source) / "t10k-labels-idx1-ubyte.gz")
-                      if p.is_file()))
+    x, y = (read_idx(idx_file(source, name)) for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
     if not 0 < n_train < len(x):
         die(f"--train {n_train}: must be between 1 and {len(x) - 1} (the copy holds {len(x)} digits)")
     raw = Path(out) / "MNIST" / "raw"
@@ -1153,8 +1156,7 @@ def load_mnist(data_dir, dataset="mnist", download=True):
         raw = path / folder / "raw"
 
         def find():  # torchvision's layout, or the four files in the folder itself
-            return {n: next((p for d in (raw, path) for p in (d / n, d / f"{n}.gz") if p.is_file()), None)
-                    for n in MNIST_FILES}
+            return {n: idx_file(raw, n) or idx_file(path, n) for n in MNIST_FILES}
 
         found = find()
         if None in found.values() and download:
@@ -1538,13 +1540,12 @@ def radius_units(run):
         info = json.loads((Path(run) / "config.json").read_text())
     except (OSError, ValueError):
         return "units of r and ε: see the script"
-    if info.get("normalisation", {}).get("name") == "none":
-        return "r and ε in input units ([0, 1] pixels; one-hot entries for modular arithmetic)"
-    if "normalisation" in info:
-        return f"r and ε in normalised units ({info['normalisation']['name']} mean/std; config.json: pixel_units)"
-    if "pixel_units" in info:
+    name = info.get("normalisation", {}).get("name")
+    if name not in (None, "none"):
+        return f"r and ε in normalised units ({name} mean/std; config.json: pixel_units)"
+    if name is None and "pixel_units" in info:  # runs made before config.json named its normalisation
         return "r and ε in normalised units (config.json: pixel_units)"
-    return "r and ε in input units ([0, 1] pixels; one-hot for modular arithmetic)"
+    return "r and ε in input units ([0, 1] pixels; one-hot entries for modular arithmetic)"
 
 
 def plot_runs(groups, path, title):
@@ -1624,16 +1625,13 @@ NOT_THE_SETTING = ("out", "resume", "device", "data_dir", "download", "compile",
 def run_groups(folders):
     """{label: [folder, ...]}: runs that differ only by seed (or schedule and plumbing) in one
     group, labelled by the config fields that differ between the groups (e.g. weight_decay=0.1).
-    Refuses (one line) folders without metrics, the same folder twice, and runs of different
-    scripts or data sets."""
+    Refuses (one line) the same folder twice, and runs of different scripts or data sets."""
     seen, infos = set(), {}
     for folder in folders:
         key = Path(folder).resolve()
         if key in seen:
             die(f"{folder} is given twice; name each run folder once")
         seen.add(key)
-        if not read_metrics(folder):
-            die(f"no metrics in {folder}/metrics.jsonl to compare")
         try:
             infos[folder] = json.loads((Path(folder) / "config.json").read_text())
         except (OSError, ValueError):
@@ -1659,8 +1657,11 @@ def compare_runs(folders, path, at=(), keys=()):
     table of their onsets and final values: per quantity, each run's value and, for each group of
     several runs, their mean and range. at and keys add rows: each key's value at the logged step
     nearest each step of at (in log distance). Returns the table as markdown."""
-    groups = run_groups(folders)
     records = {f: read_metrics(f) for f in folders}
+    empty = next((f for f in folders if not records[f]), None)
+    if empty is not None:
+        die(f"no metrics in {empty}/metrics.jsonl to compare")
+    groups = run_groups(folders)
     name = ", ".join(Path(f).name for f in folders) if len(folders) <= 3 else f"{len(folders)} runs"
     plot_runs({label: [records[f] for f in members] for label, members in groups.items()}, path, name)
     summaries = {f: onset_summary(records[f]) for f in folders}
@@ -1697,8 +1698,9 @@ if __name__ == "__main__":
         parser.add_argument("out", help="root to write <out>/MNIST/raw/ into; pass it as --data-dir")
         parser.add_argument("--train", type=whole_number, default=5000, help="the first N digits become the train part")
         args = parser.parse_args(sys.argv[2:])
-        if not any((Path(args.source) / f"t10k-images-idx3-ubyte{z}").is_file() for z in ("", ".gz")):
-            die(f"{args.source} has no t10k-images-idx3-ubyte(.gz)")
+        missing = [n for n in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte") if idx_file(args.source, n) is None]
+        if missing:
+            die(f"{args.source} has no {' or '.join(missing)} (plain or .gz)")
         print(f"written: {split_mnist(args.source, args.out, args.train)}")
     elif sys.argv[1:2] == ["compare"]:
         parser = argparse.ArgumentParser(prog="python common.py compare", allow_abbrev=False,

@@ -226,9 +226,10 @@ def main(cfg):
     with timer("setup"):
         x_train, y_train, x_test, y_test = load_data(cfg)
     n_classes = int(y_train.max()) + 1
-    std = common.NORMALISATIONS[normalisation(cfg)][1]
+    units = normalisation(cfg)
+    std = common.NORMALISATIONS[units][1]
     run, checkpoint = common.start_run(cfg.out, cfg, device, {"pixel_units": common.pixel_units(cfg, std),
-                                                            "normalisation": common.normalisation_note(normalisation(cfg)),
+                                                            "normalisation": common.normalisation_note(units),
                                                             "data": common.data_fingerprint(x_train, y_train, x_test, y_test)})
     # the training data lives on the device as uint8 (4x smaller); each batch becomes float in [0, 1] there
     x_train, y_train = x_train.to(device), y_train.to(device)
@@ -258,7 +259,7 @@ def main(cfg):
               "directions": (directions.reshape(-1, *shape) * std_t).flatten(1),
               "rank_x": x_test[:cfg.rank_points], "pgd_x": x_test[:cfg.pgd_points], "pgd_y": y_test[:cfg.pgd_points],
               "seed": cfg.seed, "pgd_scale": std_t.to(device), "lo": 0.0, "hi": 1.0,
-              "ce32_box": tuple(t.to(device) for t in common.papers_box(normalisation(cfg))),
+              "ce32_box": tuple(t.to(device) for t in common.papers_box(units)),
               "anchors": common.anchor_points(x_train, y_train).float().div(255)}
     eval_steps = common.log_steps(cfg.steps, cfg.evals)
     print(f"{run}: {cfg.arch} ResNet18, {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} "

@@ -1,4 +1,6 @@
 """pgd_attack and pgd_accuracy: constraints, a closed-form worst case, monotonicity, no side effects."""
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -155,6 +157,29 @@ def test_the_first_iterate_that_fools_is_kept_not_the_last():
     assert common.pgd_accuracy(model, x, y, eps=1.0, alpha=0.25, steps=2, random_start=False) == 0.0
 
 
+def tf32_now():
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@contextlib.contextmanager
+def tf32_set_to(allowed):
+    """Both TF32 flags set for the test's duration, then restored (written here, not common's)."""
+    old = tf32_now()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def flags_seen_inside(module):
+    """A list that receives the TF32 flags each time module's forward runs: on a CPU the flags
+    change no number, so a test reads them where the layer runs."""
+    seen = []
+    module.register_forward_pre_hook(lambda *_: seen.append(tf32_now()))
+    return seen
+
+
 def test_modes_statistics_and_tf32_left_alone():
     # a model in train mode with one frozen (eval) BatchNorm: every submodule keeps its own mode
     torch.manual_seed(0)
@@ -162,18 +187,12 @@ def test_modes_statistics_and_tf32_left_alone():
     model.train()
     model[1].eval()
     before = {k: t.clone() for k, t in model.state_dict().items()}
-    seen = []
-    model[0].register_forward_hook(lambda *_: seen.append((torch.backends.cuda.matmul.allow_tf32,
-                                                           torch.backends.cudnn.allow_tf32)))
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
+    seen = flags_seen_inside(model[0])
+    with tf32_set_to(True):
         x, y = torch.rand(64, 10), torch.randint(0, 2, (64,))
         common.pgd_accuracy(model, x, y, eps=0.1, alpha=0.02, steps=3, batch_size=16)
         common.local_complexity(model, x, 0.1, common.random_directions(3, 10))
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        assert tf32_now() == (True, True)
     assert [m.training for m in model] == [True, False, True, True]
     assert all(torch.equal(before[k], t) for k, t in model.state_dict().items())
     assert seen and all(flags == (False, False) for flags in seen)

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+from test_pgd import flags_seen_inside, tf32_now, tf32_set_to
 
 
 def small_cnn(width=16):
@@ -54,23 +55,17 @@ def test_r_over_10_audit_passes_exact_lc_and_fails_rounded_lc():
 
 
 def test_lc_turns_tf32_off_inside_the_forward_and_restores_it():
-    # on a CPU the flags change no number, so the test reads them where the convolution runs
     model = small_cnn(4)
-    seen = []
-    model[0].register_forward_pre_hook(lambda *_: seen.append((torch.backends.cuda.matmul.allow_tf32,
-                                                               torch.backends.cudnn.allow_tf32)))
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
+    seen = flags_seen_inside(model[0])
+    with tf32_set_to(True):
         common.local_complexity(model, torch.rand(3, 3, 16, 16), 0.01, 4)
         assert seen and all(flags == (False, False) for flags in seen)
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
-        seen.clear()
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        assert tf32_now() == (True, True)
+    seen.clear()
+    with tf32_set_to(False):
         common.local_complexity(model, torch.rand(3, 3, 16, 16), 0.01, 4, tf32=True)  # the authors' arithmetic
         assert seen and all(flags == (True, True) for flags in seen)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        assert tf32_now() == (False, False)
 
 
 @pytest.mark.parametrize("loss", ["log1m", "ce32"])
