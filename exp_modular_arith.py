@@ -80,9 +80,11 @@ class OneLayerTransformer(nn.Module):
     def forward(self, x):
         tokens = self.embed(x.reshape(-1, 2, self.p))
         h = torch.cat([tokens, self.equals.expand(len(x), -1, -1)], 1) + self.pos
-        h = h + self.attn(h, h, h, need_weights=False)[0]
-        h = h + self.mlp(h)
-        return self.unembed(h[:, -1])
+        # the logits read the '=' position only, and with one layer nothing else reads the a and b
+        # positions: attend from '=' alone and run the MLP there. The same function at half the
+        # work, and LC and rank count only the MLP neurons that can reach the logits.
+        last = h[:, -1] + self.attn(h[:, -1:], h, h, need_weights=False)[0][:, 0]
+        return self.unembed(last + self.mlp(last))
 
 
 def make_model(cfg):

@@ -193,3 +193,19 @@ def test_help_works_and_lists_every_field(script):
     for flag in ("--lc-radius", "--pgd-eps", "--steps", "--quick", "--resume", "--out", "--seed"):
         assert flag in out
     assert "radius r of the cross-polytope" in out
+
+
+def test_transformer_computes_the_full_forward_at_the_equals_position():
+    """Oracle: the textbook forward (attention and MLP at all three positions, then read '='), in
+    float64. The script runs only the '=' position; the logits must be the same."""
+    import torch
+    import torch.nn.functional as F
+    sys.path.insert(0, str(REPO))
+    import exp_modular_arith as script
+    torch.manual_seed(0)
+    model = script.make_model(script.Config(model="transformer", p=11, width=16)).double()
+    x = F.one_hot(torch.randint(0, 11, (50, 2)), 11).double().reshape(50, -1)
+    h = torch.cat([model.embed(x.reshape(-1, 2, 11)), model.equals.expand(50, -1, -1)], 1) + model.pos
+    h = h + model.attn(h, h, h, need_weights=False)[0]
+    h = h + model.mlp(h)
+    torch.testing.assert_close(model(x), model.unembed(h[:, -1]), rtol=1e-12, atol=1e-12)
