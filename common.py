@@ -78,12 +78,6 @@ def compiled(model, enabled, device):
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
-def seed_everything(seed):
-    """Seeds torch's global RNGs (CPU and all GPUs) and numpy's legacy RNG."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -91,7 +91,7 @@ def make_model(cfg):
 def main(cfg):
     common.check_config(cfg, input_dim=3 * 32 * 32)
     device = common.pick_device(cfg.device)
-    common.seed_everything(cfg.seed)
+    torch.manual_seed(cfg.seed)
     timer = common.Timer(device)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     with timer("setup"):

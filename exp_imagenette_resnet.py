@@ -220,7 +220,7 @@ def main(cfg):
         common.die(f"--resolution {cfg.resolution} must be a multiple of 8 and at least 16")
     common.check_config(cfg, input_dim=3 * cfg.resolution ** 2)
     device = common.pick_device(cfg.device)
-    common.seed_everything(cfg.seed)
+    torch.manual_seed(cfg.seed)
     timer = common.Timer(device)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     with timer("setup"):

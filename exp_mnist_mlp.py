@@ -87,7 +87,7 @@ def mse_one_hot(out, y):
 def main(cfg):
     common.check_config(cfg, input_dim=28 * 28)
     device = common.pick_device(cfg.device)
-    common.seed_everything(cfg.seed)
+    torch.manual_seed(cfg.seed)
     timer = common.Timer(device)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     with timer("setup"):

@@ -105,7 +105,7 @@ def main(cfg):
                    f"test pairs; use p >= 3 and a fraction that leaves both non-empty")
     common.check_config(cfg, input_dim=2 * cfg.p)
     device = common.pick_device(cfg.device)
-    common.seed_everything(cfg.seed)
+    torch.manual_seed(cfg.seed)
     timer = common.Timer(device)
     run, checkpoint = common.start_run(cfg.out, cfg, device)
 

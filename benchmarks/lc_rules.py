@@ -41,7 +41,7 @@ def main():
     shape = points.shape[1:]
     directions = common.random_directions(cfg.lc_directions, points[0].numel(), torch.Generator().manual_seed(1))
     directions = (directions.reshape(-1, *shape) * torch.tensor(std).reshape(3, 1, 1)).flatten(1)
-    common.seed_everything(cfg.seed)  # the run seeded the global RNG, then built the model: the same init
+    torch.manual_seed(cfg.seed)  # the run seeded the global RNG, then built the model: the same init
     at_init = script.make_model(cfg, n_classes)
     at_end = script.make_model(cfg, n_classes)
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
