@@ -15,12 +15,19 @@ Every function that looks inside a model finds its neurons the same way: the inp
 nn.ReLU module that runs in the forward pass, in the order they run (a conv layer's input: every
 channel x position). Use nn.ReLU modules, not F.relu, in models you want to measure.
 """
+import argparse
 import contextlib
 import copy
 import csv
+import dataclasses
+import gzip
+import hashlib
+import inspect
+import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -929,7 +936,6 @@ NON_NEGATIVE_FLOATS = ("weight_decay",)
 
 def number(text):
     """A float from the command line; a fraction such as 8/255 is welcome."""
-    import argparse
     try:
         num, _, den = text.partition("/")
         return float(num) / float(den) if den else float(num)
@@ -939,7 +945,6 @@ def number(text):
 
 def whole_number(text):
     """An int from the command line; integral scientific notation such as 5e3 is welcome."""
-    import argparse
     try:
         return int(text)
     except ValueError:
@@ -954,10 +959,6 @@ def whole_number(text):
 
 
 def _parser(cls, defaults=True):
-    import argparse
-    import dataclasses
-    import inspect
-    import re
     helps = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(cls), re.M))
     parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
@@ -983,7 +984,6 @@ def parse_config(cls, argv=None):
     a data set's own defaults). --resume takes the run's stored config.json, so `--out RUN --resume`
     continues it; a flag given with it may change only a RESUMABLE field, and a flag that would
     change the experiment is refused, naming the fields."""
-    import dataclasses
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(_parser(cls).parse_args(argv)).items()}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(_parser(cls, False).parse_args(argv)).items()}
     stored_path = Path(values["out"]) / "config.json"
@@ -1028,7 +1028,6 @@ def check_config(cfg, input_dim=None):
     finite and positive, weight decay and eps finite and >= 0, ...), and lc_directions against the
     input dimension. The first violation ends the program with one line (exit code 2), before
     anything is written."""
-    import dataclasses
     for f in dataclasses.fields(cfg):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
         if isinstance(value, (bool, str)):
@@ -1083,7 +1082,6 @@ def check_data(source, x_train, y_train, x_test, y_test, image_shape, n_classes)
 def read_idx(path):
     """An IDX file of the MNIST distribution (plain or .gz) as a uint8 tensor; a truncated or
     foreign file ends the program with one line naming it."""
-    import gzip
     path = Path(path)
     try:
         data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
@@ -1232,7 +1230,6 @@ def script_of(info):
 def code_hashes():
     """sha256 of the running script and of common.py: identifies the code of a run made outside a
     git checkout (a script copied into coursework)."""
-    import hashlib
     files = {Path(sys.argv[0]).resolve(), Path(__file__).resolve()}
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted(files) if p.is_file()}
 
@@ -1249,7 +1246,6 @@ def start_run(out, config, device, notes=None):
     A folder without a checkpoint (a run that stopped before its first checkpoint) starts from
     step 0, with or without --resume; the stopped attempt's metrics are kept as metrics.failed.jsonl.
     notes: extra facts for config.json (e.g. radii converted to pixel units)."""
-    import dataclasses
     run = Path(out)
     has_checkpoint = (run / "checkpoint.pt").exists()
     if has_checkpoint and not config.resume:
@@ -1327,7 +1323,6 @@ def write_atomic(path, text):
 def data_fingerprint(*tensors):
     """Shapes and a hash of the data actually loaded (train and test tensors): a moved folder keeps
     its fingerprint, other contents do not. For config.json, so --resume can refuse other data."""
-    import hashlib
     digest = hashlib.sha256()
     for t in tensors:
         digest.update(str((tuple(t.shape), str(t.dtype))).encode())
@@ -1390,7 +1385,6 @@ def save_checkpoint(run, model, optimizer, step, generators):
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": config,
              "rng_cpu": torch.get_rng_state(), "generators": {k: g.get_state() for k, g in generators.items()},
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    import io
     buffer = io.BytesIO()  # serialised in memory, written by plain file I/O: a full disk raises OSError (ENOSPC)
     torch.save(state, buffer)  # where torch.save's own writer raises an obscure RuntimeError
     tmp = Path(run) / "checkpoint.pt.tmp"
@@ -1683,7 +1677,6 @@ def compare_runs(folders, path, at=(), keys=()):
 
 
 if __name__ == "__main__":
-    import argparse
     if sys.argv[1:2] == ["split-mnist"]:
         parser = argparse.ArgumentParser(prog="python common.py split-mnist", allow_abbrev=False,
                                          description="a test-set-only MNIST copy (t10k-* files) as train and test "
