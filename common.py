@@ -905,7 +905,7 @@ def cli(main, config_class, argv=None):
         return main(cfg)
     except KeyboardInterrupt:
         records = read_metrics(cfg.out) if Path(cfg.out).is_dir() else []
-        at = f"the last evaluation and checkpoint are at step {records[-1]['step']}" if records else "nothing logged yet"
+        at = f"the last evaluation is at step {records[-1]['step']}; --resume goes on from the last checkpoint" if records else "nothing logged yet"
         print(f"\ninterrupted ({at}); continue with: {go_on}", file=sys.stderr, flush=True)
         raise SystemExit(130)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError, OSError) as e:
