@@ -56,7 +56,10 @@ def test_ctrl_c_ends_with_one_line_and_the_command_to_continue(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(REPO / "exp_modular_arith.py"), "--device", "cpu", "--quick",
                              "--steps", "1000000", "--evals", "60", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            # a shell's background job (CI's, say) starts with SIGINT ignored, and a Python
+                            # started so installs no KeyboardInterrupt handler: give the child what a terminal gives
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "checkpoint.pt").exists() and len(records(out)) >= 3):
         time.sleep(0.2)
