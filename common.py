@@ -205,12 +205,6 @@ NORMALISATIONS = {
 }
 
 
-def normalisation_note(name):
-    """What config.json records of a script's normalisation: its name, constants and source."""
-    mean, std, source = NORMALISATIONS[name]
-    return {"name": name, "mean": list(mean), "std": list(std), "source": source}
-
-
 def papers_box(name):
     """The clamp of the papers' attack, in [0, 1] pixel units per channel: their PGD clamps the
     normalised input to one global range, [min_c (0 - m_c) / s_c, max_c (1 - m_c) / s_c] (for
@@ -235,9 +229,24 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def pixel_units(cfg, std):
-    """cfg's radii, given in units of the normalised input, per channel in [0, 1] pixels (r * std_c):
-    printed, and returned for config.json."""
+def channel_std(name):
+    """(C, 1, 1): a radius r in units of the input normalised by NORMALISATIONS[name] is r * std_c in
+    the input's own units."""
+    return torch.tensor(NORMALISATIONS[name][1]).reshape(-1, 1, 1)
+
+
+def in_input_units(directions, shape, name):
+    """(P, D) directions drawn orthonormal in units of the normalised input, in the input's own
+    units (channel c times std_c); shape: one input's (C, H, W)."""
+    return (directions.reshape(-1, *shape) * channel_std(name).to(directions.device)).flatten(1)
+
+
+def units_notes(cfg, name):
+    """What config.json records of a script that gives its radii in units of the normalised input
+    (NORMALISATIONS[name]): the normalisation (name, constants, source) and cfg's radii per channel in
+    [0, 1] pixels (r * std_c), which are also printed."""
+    mean, std, source = NORMALISATIONS[name]
+
     def to_pixels(r):
         return [float(f"{r * s:.4g}") for s in std]
 
@@ -245,7 +254,7 @@ def pixel_units(cfg, std):
              "pgd_alpha": to_pixels(cfg.pgd_alpha)}
     print(f"radii in normalised units; per channel in [0, 1] pixels: LC r {units['lc_radius']}, PGD eps "
           f"{units['pgd_eps']}, alpha {units['pgd_alpha']}")
-    return units
+    return {"pixel_units": units, "normalisation": {"name": name, "mean": list(mean), "std": list(std), "source": source}}
 
 
 def _check_points(x, where):
@@ -624,45 +633,82 @@ def evaluate(model, x, y, loss_fn, batch_size=2048):
     return correct / len(x), loss / len(x)
 
 
+@dataclasses.dataclass(frozen=True)
+class Probes:
+    """What every evaluation of a run measures, fixed for the whole run (measure, evaluate_and_log).
+    Points are model inputs ([0, 1] pixels for images). A missing or misspelt field is a TypeError."""
+    train: tuple  # (x, y): train accuracy and loss
+    test: tuple  # (x, y): test accuracy and loss; LC's boundary points lie between its first points
+    loss_fn: object  # loss_fn(logits, y): the training loss
+    lc_points: dict  # {name: points} where LC is taken: train, test, random (boundary is added)
+    directions: torch.Tensor  # (P, D) orthonormal LC directions, in the radii's units (random_directions)
+    rank_x: torch.Tensor  # points whose features give each layer's rank
+    pgd_x: torch.Tensor  # points PGD attacks
+    pgd_y: torch.Tensor  # their labels
+    anchors: torch.Tensor  # three inputs that span the partition pictures' plane (anchor_points)
+    seed: int  # seeds PGD's random starts, with the step
+    units: str = "none"  # the radii's units: none = the inputs' own; a NORMALISATIONS name = that normalised input's
+    lo: float = 0.0  # the input box PGD clamps to
+    hi: float = 1.0
+    papers_clamp: str = "box"  # the papers' attack clamps to: box = [lo, hi]; normalised = their global range (papers_box)
+
+    def __post_init__(self):
+        if self.units != "none" and self.units not in NORMALISATIONS:
+            raise ValueError(f"Probes: units {self.units!r}: use 'none' or one of {', '.join(NORMALISATIONS)}")
+        if self.papers_clamp not in ("box", "normalised") or (self.papers_clamp == "normalised" and self.units == "none"):
+            raise ValueError(f"Probes: papers_clamp {self.papers_clamp!r}: use 'box', or 'normalised' with units set")
+
+    def scale(self):
+        """What multiplies PGD's eps and alpha to put them in the input's units."""
+        return 1.0 if self.units == "none" else channel_std(self.units).to(self.pgd_x.device)
+
+    def lc_directions(self):
+        """The LC directions in the input's units."""
+        return self.directions if self.units == "none" else in_input_units(self.directions, self.pgd_x.shape[1:],
+                                                                           self.units)
+
+    def papers_box(self):
+        """(lo, hi) of the papers' attack."""
+        if self.papers_clamp == "box":
+            return self.lo, self.hi
+        return tuple(t.to(self.pgd_x.device) for t in papers_box(self.units))
+
+
 def measure(model, cfg, probes, timer, step, full=True):
-    """Every measure of the papers at one step but the losses, as a dict. probes holds what stays
-    fixed for the run: train and test (x, y) tensors and loss_fn; lc_points, a dict of named point
-    sets (train, test, random) and directions; rank_x; pgd_x, pgd_y, the input box lo, hi, seed,
-    and optionally pgd_scale (multiplies eps and alpha: a per-channel tensor turns radii given in
-    normalised units into pixel units) and ce32_box ((lo, hi) of the papers' attack, when its clamp
-    differs). Both attacks run at every eps (pgd_acc_<eps>: the default, masking-free attack;
-    pgd_ce32_acc_<eps>: the papers', from x as their code does, or with cfg.ce32_random_start from
-    the default attack's random starts), with the logit margins' quantiles (margin_p10/p50/p90)
-    and zero_grad_frac on the same points (see pgd_attack). LC (mean and 99% CI) is also taken at
-    points on the decision boundary between test points. cfg names the settings: lc_radius,
-    lc_batch, pgd_eps, pgd_alpha, pgd_steps, pgd_restarts, ce32_random_start. PGD's random starts
-    come from a generator seeded by (seed, step), so a step's numbers do not depend on which steps
-    were evaluated before it (a resumed or extended run gives the same records). full=False
-    measures only rank and norm."""
+    """Every measure of the papers at one step but the losses, as a dict; probes (a Probes) holds
+    what stays fixed for the run. Both attacks run at every eps (pgd_acc_<eps>: the default,
+    masking-free attack; pgd_ce32_acc_<eps>: the papers', from x as their code does, or with
+    cfg.ce32_random_start from the default attack's random starts), with the logit margins'
+    quantiles (margin_p10/p50/p90) and zero_grad_frac on the same points (see pgd_attack). LC
+    (mean and 99% CI) is also taken at points on the decision boundary between test points. cfg
+    names the settings: lc_radius, lc_batch, pgd_eps, pgd_alpha, pgd_steps, pgd_restarts,
+    ce32_random_start, in probes.units. PGD's random starts come from a generator seeded by (seed,
+    step), so a step's numbers do not depend on which steps were evaluated before it (a resumed or
+    extended run gives the same records). full=False measures only rank and norm."""
     rec = {}
     with timer("rank"):  # first: cheap, and in every evaluation (full=False: only rank and norm)
-        for i, (rank, erank) in enumerate(layer_ranks(model, probes["rank_x"])):
+        for i, (rank, erank) in enumerate(layer_ranks(model, probes.rank_x)):
             rec[f"rank_{i + 1}"], rec[f"erank_{i + 1}"] = rank, round(erank, 2)
     rec["weight_norm"] = weight_norm(model)
     if not full:
         return rec
     with timer("lc"):
-        sets = dict(probes["lc_points"])
+        sets = dict(probes.lc_points)
         sets["boundary"] = boundary_points(model, sets["test"])
+        directions = probes.lc_directions()
         for name, pts in sets.items():
             if len(pts) == 0:  # no boundary points while every test point gets the same class
                 continue
-            counts = local_complexity(model, pts, cfg.lc_radius, probes["directions"], cfg.lc_batch)
+            counts = local_complexity(model, pts, cfg.lc_radius, directions, cfg.lc_batch)
             rec[f"lc_{name}"], rec[f"lc_{name}_ci"] = lc_summary(counts)
-    x, y = probes["pgd_x"], probes["pgd_y"]
-    scale = probes.get("pgd_scale", 1.0)
-    ce32_lo, ce32_hi = probes.get("ce32_box", (probes["lo"], probes["hi"]))
-    generator = torch.Generator(x.device).manual_seed(probes["seed"] * 1_000_003 + step)
+    x, y, scale = probes.pgd_x, probes.pgd_y, probes.scale()
+    ce32_lo, ce32_hi = probes.papers_box()
+    generator = torch.Generator(x.device).manual_seed(probes.seed * 1_000_003 + step)
     for eps in cfg.pgd_eps:
         start = generator.get_state()  # both attacks from the same random starts
         with timer("pgd"):
             rec[f"pgd_acc_{eps:.3g}"] = pgd_accuracy(model, x, y, eps * scale, cfg.pgd_alpha * scale, cfg.pgd_steps,
-                                                   restarts=cfg.pgd_restarts, lo=probes["lo"], hi=probes["hi"],
+                                                   restarts=cfg.pgd_restarts, lo=probes.lo, hi=probes.hi,
                                                    generator=generator)
         with timer("pgd_ce32"):
             ce32_gen = torch.Generator(x.device).set_state(start)
@@ -695,7 +741,7 @@ def evaluate_and_log(model, cfg, step, probes, run, timer, checkpoint, full=True
         batch_loss_max.zero_()
     with timer("eval"):
         for split in ("train", "test"):
-            rec[f"{split}_acc"], rec[f"{split}_loss"] = evaluate(model, *probes[split], probes["loss_fn"])
+            rec[f"{split}_acc"], rec[f"{split}_loss"] = evaluate(model, *getattr(probes, split), probes.loss_fn)
     if not math.isfinite(rec["train_loss"]):
         log_metrics(run, rec)
         write_csv(run)
@@ -708,7 +754,7 @@ def evaluate_and_log(model, cfg, step, probes, run, timer, checkpoint, full=True
         name = "fit"
     if name:
         with timer("partition"):
-            partition_picture(model, probes["anchors"], Path(run) / f"partition_{name}.png", cfg.partition_resolution,
+            partition_picture(model, probes.anchors, Path(run) / f"partition_{name}.png", cfg.partition_resolution,
                               title=f"step {step}: ")
     log_metrics(run, rec)
     shown = " ".join(f"{k} {v:.3g}" for k, v in rec.items()

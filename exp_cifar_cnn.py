@@ -97,9 +97,7 @@ def main(cfg):
     with timer("setup"):
         x_train, y_train, x_test, y_test = common.load_cifar10(cfg.data_dir, cfg.download)
     subset = common.take_train_subset(cfg, len(x_train), data_gen)
-    std = torch.tensor(STD).reshape(3, 1, 1)
-    run, checkpoint = common.start_run(cfg.out, cfg, device, {"pixel_units": common.pixel_units(cfg, STD),
-                                                            "normalisation": common.normalisation_note(NORMALISATION),
+    run, checkpoint = common.start_run(cfg.out, cfg, device, {**common.units_notes(cfg, NORMALISATION),
                                                             "data": common.data_fingerprint(x_train, y_train, x_test, y_test)})
     # the data lives on the device as float tensors in [0, 1], NCHW; batches are drawn by indexing
     x_train = x_train[subset].permute(0, 3, 1, 2).float().div(255).to(device)
@@ -118,15 +116,15 @@ def main(cfg):
     start = common.restore(run, checkpoint, model, optimizer, generators) if checkpoint else 0
 
     # what every evaluation measures, fixed for the whole run (random points: uniform in [0, 1]^3072);
-    # the LC directions are orthonormal in normalised units, so scaled by std in pixel units
-    directions = common.random_directions(cfg.lc_directions, 3 * 32 * 32, data_gen)
-    probes = {"train": (x_train, y_train), "test": (x_test, y_test), "loss_fn": F.cross_entropy,
-              "lc_points": {"train": x_train[:cfg.lc_points], "test": x_test[:cfg.lc_points],
-                            "random": torch.rand(cfg.lc_points, 3, 32, 32, generator=data_gen).to(device)},
-              "directions": (directions.reshape(-1, 3, 32, 32) * std).flatten(1),
-              "rank_x": x_test[:cfg.rank_points], "pgd_x": x_test[:cfg.pgd_points], "pgd_y": y_test[:cfg.pgd_points],
-              "seed": cfg.seed, "pgd_scale": std.to(device), "lo": 0.0, "hi": 1.0,
-              "anchors": common.anchor_points(x_train, y_train)}
+    # the radii are in normalised units (Probes scales eps, alpha and the LC directions by std)
+    directions = common.random_directions(cfg.lc_directions, 3 * 32 * 32, data_gen)  # drawn before the random points
+    probes = common.Probes(
+        train=(x_train, y_train), test=(x_test, y_test), loss_fn=F.cross_entropy,
+        lc_points={"train": x_train[:cfg.lc_points], "test": x_test[:cfg.lc_points],
+                   "random": torch.rand(cfg.lc_points, 3, 32, 32, generator=data_gen).to(device)},
+        directions=directions,
+        rank_x=x_test[:cfg.rank_points], pgd_x=x_test[:cfg.pgd_points], pgd_y=y_test[:cfg.pgd_points],
+        anchors=common.anchor_points(x_train, y_train), seed=cfg.seed, units=NORMALISATION)
     eval_steps = common.log_steps(cfg.steps, cfg.evals)
     print(f"{run}: {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} train images, "
           f"device {device}")

@@ -194,6 +194,8 @@ class PreActBlock(nn.Module):
 
 
 def normalisation(cfg):
+    """The name of the input constants (common.NORMALISATIONS): the model normalises with them, and
+    the LC radius and PGD's eps and alpha are in units of the input they normalise."""
     return DEFAULT_NORMALISATION[cfg.dataset] if cfg.normalisation == "auto" else cfg.normalisation
 
 
@@ -226,12 +228,9 @@ def main(cfg):
     with timer("setup"):
         x_train, y_train, x_test, y_test = load_data(cfg)
     n_classes = int(y_train.max()) + 1
-    units = normalisation(cfg)
-    std = common.NORMALISATIONS[units][1]
-    run, checkpoint = common.start_run(cfg.out, cfg, device, {"pixel_units": common.pixel_units(cfg, std),
-                                                            "normalisation": common.normalisation_note(units),
+    run, checkpoint = common.start_run(cfg.out, cfg, device, {**common.units_notes(cfg, normalisation(cfg)),
                                                             "data": common.data_fingerprint(x_train, y_train, x_test, y_test)})
-    # the training data lives on the device as uint8 (4x smaller); each batch becomes float in [0, 1] there
+    # the training data lives on the device as uint8 (4x smaller); each batch becomes the model's input there
     x_train, y_train = x_train.to(device), y_train.to(device)
     test_order = torch.randperm(len(x_test), generator=data_gen)  # folders are sorted by class
     x_test, y_test = x_test[test_order].float().div(255).to(device), y_test[test_order].to(device)
@@ -247,20 +246,18 @@ def main(cfg):
     start = common.restore(run, checkpoint, model, optimizer, generators) if checkpoint else 0
 
     # what every evaluation measures, fixed for the whole run (random points: uniform in [0, 1]^D);
-    # the LC directions are orthonormal in normalised units, so scaled by std in pixel units
+    # the radii are in normalised units (Probes scales eps, alpha and the LC directions by std), and
+    # the papers' attack clamps as theirs does, to the normalised input's global range
     shape = (3, cfg.resolution, cfg.resolution)
-    std_t = torch.tensor(std).reshape(3, 1, 1)
     directions = common.random_directions(cfg.lc_directions, 3 * cfg.resolution ** 2, data_gen)
-    eval_idx = torch.randperm(len(x_train), generator=data_gen)[:2048].to(device)
-    train_eval = (x_train[eval_idx].float().div(255), y_train[eval_idx])  # train accuracy on a fixed 2048
-    probes = {"train": train_eval, "test": (x_test, y_test), "loss_fn": F.cross_entropy,
-              "lc_points": {"train": lc_train, "test": x_test[:cfg.lc_points],
-                            "random": torch.rand(cfg.lc_points, *shape, generator=data_gen).to(device)},
-              "directions": (directions.reshape(-1, *shape) * std_t).flatten(1),
-              "rank_x": x_test[:cfg.rank_points], "pgd_x": x_test[:cfg.pgd_points], "pgd_y": y_test[:cfg.pgd_points],
-              "seed": cfg.seed, "pgd_scale": std_t.to(device), "lo": 0.0, "hi": 1.0,
-              "ce32_box": tuple(t.to(device) for t in common.papers_box(units)),
-              "anchors": common.anchor_points(x_train, y_train).float().div(255)}
+    eval_idx = torch.randperm(len(x_train), generator=data_gen)[:2048].to(device)  # train accuracy on a fixed 2048
+    probes = common.Probes(
+        train=(x_train[eval_idx].float().div(255), y_train[eval_idx]), test=(x_test, y_test), loss_fn=F.cross_entropy,
+        lc_points={"train": lc_train, "test": x_test[:cfg.lc_points],
+                   "random": torch.rand(cfg.lc_points, *shape, generator=data_gen).to(device)},
+        directions=directions, rank_x=x_test[:cfg.rank_points], pgd_x=x_test[:cfg.pgd_points],
+        pgd_y=y_test[:cfg.pgd_points], anchors=common.anchor_points(x_train, y_train).float().div(255), seed=cfg.seed,
+        units=normalisation(cfg), papers_clamp="normalised")
     eval_steps = common.log_steps(cfg.steps, cfg.evals)
     print(f"{run}: {cfg.arch} ResNet18, {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} "
           f"train images of {n_classes} classes at {cfg.resolution} px, device {device}")

@@ -107,12 +107,13 @@ def main(cfg):
     start = common.restore(run, checkpoint, model, optimizer, generators) if checkpoint else 0
 
     # what every evaluation measures, fixed for the whole run (random points: uniform in [0, 1]^784)
-    probes = {"train": (x_train, y_train), "test": (x_test, y_test), "loss_fn": mse_one_hot,
-              "lc_points": {"train": x_train[:cfg.lc_points], "test": x_test[:cfg.lc_points],
-                            "random": torch.rand(cfg.lc_points, 1, 28, 28, generator=data_gen).to(device)},
-              "directions": common.random_directions(cfg.lc_directions, 28 * 28, data_gen),
-              "rank_x": x_test[:cfg.rank_points], "pgd_x": x_test[:cfg.pgd_points], "pgd_y": y_test[:cfg.pgd_points],
-              "seed": cfg.seed, "lo": 0.0, "hi": 1.0, "anchors": common.anchor_points(x_train, y_train)}
+    probes = common.Probes(
+        train=(x_train, y_train), test=(x_test, y_test), loss_fn=mse_one_hot,
+        lc_points={"train": x_train[:cfg.lc_points], "test": x_test[:cfg.lc_points],
+                   "random": torch.rand(cfg.lc_points, 1, 28, 28, generator=data_gen).to(device)},
+        directions=common.random_directions(cfg.lc_directions, 28 * 28, data_gen),
+        rank_x=x_test[:cfg.rank_points], pgd_x=x_test[:cfg.pgd_points], pgd_y=y_test[:cfg.pgd_points],
+        anchors=common.anchor_points(x_train, y_train), seed=cfg.seed)
     eval_steps = common.log_steps(cfg.steps, cfg.evals)
     print(f"{run}: {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} {cfg.dataset} "
           f"train images, {len(x_test)} test images, device {device}")

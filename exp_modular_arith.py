@@ -125,12 +125,13 @@ def main(cfg):
     start = common.restore(run, checkpoint, model, optimizer, generators) if checkpoint else 0
 
     # what every evaluation measures, fixed for the whole run (random points: uniform in the input box)
-    probes = {"train": (x_train, y_train), "test": (x_test, y_test), "loss_fn": F.cross_entropy,
-              "lc_points": {"train": x_train[:cfg.lc_points], "test": x_test[:cfg.lc_points],
-                            "random": torch.rand(cfg.lc_points, 2 * cfg.p, generator=data_gen).to(device)},
-              "directions": common.random_directions(cfg.lc_directions, 2 * cfg.p, data_gen),
-              "rank_x": x_test[:cfg.rank_points], "pgd_x": x_test[:cfg.pgd_points], "pgd_y": y_test[:cfg.pgd_points],
-              "seed": cfg.seed, "lo": 0.0, "hi": 1.0, "anchors": common.anchor_points(x_train, y_train)}
+    probes = common.Probes(
+        train=(x_train, y_train), test=(x_test, y_test), loss_fn=F.cross_entropy,
+        lc_points={"train": x_train[:cfg.lc_points], "test": x_test[:cfg.lc_points],
+                   "random": torch.rand(cfg.lc_points, 2 * cfg.p, generator=data_gen).to(device)},
+        directions=common.random_directions(cfg.lc_directions, 2 * cfg.p, data_gen),
+        rank_x=x_test[:cfg.rank_points], pgd_x=x_test[:cfg.pgd_points], pgd_y=y_test[:cfg.pgd_points],
+        anchors=common.anchor_points(x_train, y_train), seed=cfg.seed)
     eval_steps = common.log_steps(cfg.steps, cfg.evals)
     print(f"{run}: {sum(p.numel() for p in model.parameters())} parameters, {n_train} train pairs, device {device}")
 

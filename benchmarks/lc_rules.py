@@ -37,10 +37,8 @@ def main():
     n_classes = int(y_train.max()) + 1
     points = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:args.points]]
     points = points.float().div(255)
-    std = common.NORMALISATIONS[script.normalisation(cfg)][1]
-    shape = points.shape[1:]
     directions = common.random_directions(cfg.lc_directions, points[0].numel(), torch.Generator().manual_seed(1))
-    directions = (directions.reshape(-1, *shape) * torch.tensor(std).reshape(3, 1, 1)).flatten(1)
+    directions = common.in_input_units(directions, points.shape[1:], script.normalisation(cfg))
     torch.manual_seed(cfg.seed)  # the run seeded the global RNG, then built the model: the same init
     at_init = script.make_model(cfg, n_classes)
     at_end = script.make_model(cfg, n_classes)

@@ -87,9 +87,8 @@ def tf32_check(args, out):
                                   (["--lc-directions", "4"] if args.smoke else []))
         torch.manual_seed(cfg.seed)
         model = script.make_model(cfg, 10).to(device)
-        std = torch.tensor(common.NORMALISATIONS[name][1]).reshape(3, 1, 1)
         directions = common.random_directions(cfg.lc_directions, 3 * 32 * 32, torch.Generator().manual_seed(cfg.seed))
-        directions = (directions.reshape(-1, 3, 32, 32) * std).flatten(1)
+        directions = common.in_input_units(directions, (3, 32, 32), name)
         for r in (cfg.lc_radius, cfg.lc_radius / 10):
             a = common.lc_precision_audit(model, x.to(device), r, directions, batch_size=16)
             lines.append(f"| {name} | {cfg.lc_directions} | {r:g} | {a['exact']:.2f} | {a['exact_r/10']:.2f} | {a['tf32']:.2f} | "
