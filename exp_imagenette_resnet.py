@@ -199,6 +199,11 @@ def normalisation(cfg):
     return DEFAULT_NORMALISATION[cfg.dataset] if cfg.normalisation == "auto" else cfg.normalisation
 
 
+def to_input(images):
+    """uint8 images (N, 3, H, W) as the model takes them: float in [0, 1] pixels (it normalises)."""
+    return images.float().div(255)
+
+
 def make_model(cfg, n_classes):
     mean, std, _ = common.NORMALISATIONS[normalisation(cfg)]
     if cfg.arch == "torchvision":
@@ -228,13 +233,14 @@ def main(cfg):
     with timer("setup"):
         x_train, y_train, x_test, y_test = load_data(cfg)
     n_classes = int(y_train.max()) + 1
-    run, checkpoint = common.start_run(cfg.out, cfg, device, {**common.units_notes(cfg, normalisation(cfg)),
+    units = normalisation(cfg)  # the model's input constants, and so the units of every radius
+    run, checkpoint = common.start_run(cfg.out, cfg, device, {**common.units_notes(cfg, units),
                                                             "data": common.data_fingerprint(x_train, y_train, x_test, y_test)})
     # the training data lives on the device as uint8 (4x smaller); each batch becomes the model's input there
     x_train, y_train = x_train.to(device), y_train.to(device)
     test_order = torch.randperm(len(x_test), generator=data_gen)  # folders are sorted by class
-    x_test, y_test = x_test[test_order].float().div(255).to(device), y_test[test_order].to(device)
-    lc_train = x_train[torch.randperm(len(x_train), generator=data_gen)[:cfg.lc_points].to(device)].float().div(255)
+    x_test, y_test = to_input(x_test[test_order]).to(device), y_test[test_order].to(device)
+    lc_train = to_input(x_train[torch.randperm(len(x_train), generator=data_gen)[:cfg.lc_points].to(device)])
 
     model = make_model(cfg, n_classes).to(device)
     if device.type == "cuda":  # NHWC convolutions: faster on tensor cores
@@ -252,12 +258,12 @@ def main(cfg):
     directions = common.random_directions(cfg.lc_directions, 3 * cfg.resolution ** 2, data_gen)
     eval_idx = torch.randperm(len(x_train), generator=data_gen)[:2048].to(device)  # train accuracy on a fixed 2048
     probes = common.Probes(
-        train=(x_train[eval_idx].float().div(255), y_train[eval_idx]), test=(x_test, y_test), loss_fn=F.cross_entropy,
+        train=(to_input(x_train[eval_idx]), y_train[eval_idx]), test=(x_test, y_test), loss_fn=F.cross_entropy,
         lc_points={"train": lc_train, "test": x_test[:cfg.lc_points],
                    "random": torch.rand(cfg.lc_points, *shape, generator=data_gen).to(device)},
         directions=directions, rank_x=x_test[:cfg.rank_points], pgd_x=x_test[:cfg.pgd_points],
-        pgd_y=y_test[:cfg.pgd_points], anchors=common.anchor_points(x_train, y_train).float().div(255), seed=cfg.seed,
-        units=normalisation(cfg), papers_clamp="normalised")
+        pgd_y=y_test[:cfg.pgd_points], anchors=to_input(common.anchor_points(x_train, y_train)), seed=cfg.seed,
+        units=units, papers_clamp="normalised")
     eval_steps = common.log_steps(cfg.steps, cfg.evals)
     print(f"{run}: {cfg.arch} ResNet18, {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} "
           f"train images of {n_classes} classes at {cfg.resolution} px, device {device}")
@@ -272,7 +278,7 @@ def main(cfg):
         if step == cfg.steps:
             break
         idx = torch.randint(len(x_train), (cfg.batch_size,), device=device, generator=sample_gen)
-        loss = F.cross_entropy(train_model(x_train[idx].float().div(255)), y_train[idx])
+        loss = F.cross_entropy(train_model(to_input(x_train[idx])), y_train[idx])
         batch_loss_max = torch.maximum(batch_loss_max, loss.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

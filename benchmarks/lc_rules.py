@@ -36,7 +36,7 @@ def main():
     x_train, y_train, _, _ = script.load_data(cfg)
     n_classes = int(y_train.max()) + 1
     points = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:args.points]]
-    points = points.float().div(255)
+    points = script.to_input(points)
     directions = common.random_directions(cfg.lc_directions, points[0].numel(), torch.Generator().manual_seed(1))
     directions = common.in_input_units(directions, points.shape[1:], script.normalisation(cfg))
     torch.manual_seed(cfg.seed)  # the run seeded the global RNG, then built the model: the same init

@@ -76,7 +76,7 @@ def tf32_check(args, out):
     device = common.pick_device(args.device)
     n = 8 if args.smoke else args.tf32_points
     if Path(args.cifar).exists():
-        x = common.load_cifar10(args.cifar, download=False)[0][:n].permute(0, 3, 1, 2).float().div(255)
+        x = script.to_input(common.load_cifar10(args.cifar, download=False)[0][:n].permute(0, 3, 1, 2))
         what = f"{n} real CIFAR-10 training images"
     else:
         x, what = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)), f"{n} uniform random images"
