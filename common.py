@@ -1,15 +1,24 @@
-"""Measurements and run bookkeeping shared by the exp_*.py scripts.
+"""Measurements and run bookkeeping shared by the exp_*.py scripts, in three parts, in this order.
 
-Measurements (each tested against an independent oracle in tests/):
-  random_directions, local_complexity   density of linear regions around points (Humayun et al. 2024)
-  boundary_points                        points on the decision boundary, for LC "where the regions go"
-  feature_rank, effective_rank, layer_ranks   rank of each ReLU layer's input features (Fan et al. 2024)
-  weight_norm                            L2 norm of all parameters
-  pgd_attack, pgd_accuracy               L-infinity PGD (Madry et al. 2018)
-  partition_picture                      the linear regions on a 2D slice of input space
-
-Bookkeeping: device and seed helpers, log-spaced steps, a run folder (config.json, metrics.jsonl,
-metrics.csv, metrics.png, summary.json, checkpoint.pt), a timer, the grokking-onset summary.
+MEASUREMENTS, each tested against an independent oracle in tests/. A reader who wants only the
+measurements can stop at the BOOKKEEPING header:
+  the neurons: ReLU inputs   relu_inputs, the hook every measurement below looks inside a model with
+  local complexity           random_directions, local_complexity, lc_summary (Humayun et al. 2024);
+                             lc_precision_audit (TF32 against float32); boundary_points
+  rank and norm              feature_rank, effective_rank, layer_ranks (Fan et al. 2024), weight_norm
+  PGD and its diagnostics    pgd_attack, pgd_accuracy (L-infinity, Madry et al. 2018; two losses:
+                             the masking-free default and the papers' float32 cross-entropy),
+                             logit_margins, zero_grad_fraction
+  units of the inputs        NORMALISATIONS, Normalize, papers_box, in_input_units, units_notes
+  one evaluation             evaluate, Probes (what every evaluation of a run measures), measure
+  partition picture          anchor_points, partition_picture, region_ids: the linear regions on a
+                             2D slice of input space
+BOOKKEEPING: errors and device (die, pick_device), a script's evaluation step (evaluate_and_log),
+  log-spaced steps and a timer, the configuration from the command line (parse_config,
+  check_config, cli), the run folder (config.json, metrics.jsonl, metrics.csv, checkpoint.pt and
+  resume, summary.json with the grokking onsets), plots (metrics.png), compare.
+DATA: the MNIST, Fashion-MNIST and CIFAR-10 loaders; `python common.py` (redraw, compare,
+  split-mnist) last.
 
 Every function that looks inside a model finds its neurons the same way: the inputs of every
 nn.ReLU module that runs in the forward pass, in the order they run (a conv layer's input: every
@@ -41,74 +50,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ----------------------------------------------------------------------------- device, seed, errors
-def die(message):
-    """A usage error: one line on stderr, exit code 2, no traceback. The user has something to fix."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
-def pick_device(name="auto"):
-    """'auto' picks cuda, then mps, then cpu. On CUDA, training matmuls and convs may use TF32 (the
-    measurements turn it off: see exact_float32). On CPU torch uses every core: on a 2-core
-    machine two threads trained the MLP 1.2-2.2x and the CNN 1.2-2.4x faster than one (README,
-    performance); when two runs share the machine, give each OMP_NUM_THREADS=1."""
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if cuda else "mps" if mps else "cpu"
-    if name not in ("cuda", "mps", "cpu"):
-        die(f"unknown --device {name!r}; use auto, cuda, mps or cpu")
-    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
-        die(f"--device {name} asked for but this machine has no usable {name.upper()} device; use --device cpu "
-            f"(or auto)")
-    if name == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    return torch.device(name)
-
-
-def make_optimizer(cls, params, **kwargs):
-    """The fused implementation where the device has one (CUDA, CPU in torch >= 2.4): one kernel a
-    step and no host-device synchronisation; else the default (foreach or single-tensor)."""
-    params = list(params)
-    try:
-        return cls(params, fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):
-        return cls(params, **kwargs)
-
-
-def compiled(model, enabled, device):
-    """--compile: the model for the training step through torch.compile, with CUDA graphs
-    (mode reduce-overhead) on a GPU; the model itself otherwise."""
-    if not enabled:
-        return model
-    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-@contextlib.contextmanager
-def tf32_flags(allowed):
-    """Both of PyTorch's TF32 flags (CUDA matmuls, cuDNN convolutions) set for the duration, then
-    restored."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def exact_float32():
-    """TF32 rounds to ~1e-3 relative: far coarser than an LC radius of 5e-3 or 1e-4. Turn it off."""
-    return tf32_flags(False)
-
-
+# ==================== PART 1 of 3, MEASUREMENTS: each tested against an independent oracle in tests/
+# ----------------------------------------------------------------------------- the neurons: ReLU inputs
 @contextlib.contextmanager
 def eval_mode(model):
     """Eval mode (no BN statistics update, no dropout) for the duration; the old mode is restored."""
@@ -191,70 +134,6 @@ def relu_inputs(model, reduce):
     if watch.kinks:
         warnings.warn(f"{name} also uses {', '.join(sorted(watch.kinks))}: its kinks cut the input space too but "
                       "LC and the partition pictures count only nn.ReLU neurons", stacklevel=3)
-
-
-# Input normalisations (mean, std per channel), each named once with its source. The radii of the
-# CIFAR and ResNet scripts are in the units of the normalised input, so the constants set the radii.
-NORMALISATIONS = {
-    "cifar10_true": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-                     "CIFAR-10's own per-channel mean and std over the 50k training images"),
-    "cifar10_authors": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
-                        "grok-adversarial dataloaders.py (Humayun et al.'s Fig. 1 code; kuangliu's widely copied "
-                        "constants): the true mean, but not the true std"),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "torchvision's ImageNet constants"),
-}
-
-
-def papers_box(name):
-    """The clamp of the papers' attack, in [0, 1] pixel units per channel: their PGD clamps the
-    normalised input to one global range, [min_c (0 - m_c) / s_c, max_c (1 - m_c) / s_c] (for
-    cifar10_authors [-2.4291, 2.7537], grok-adversarial configs.py), not to each channel's own
-    [0, 1]. Returns (lo, hi) as (C, 1, 1) tensors."""
-    mean, std, _ = NORMALISATIONS[name]
-    m, s = torch.tensor(mean).reshape(-1, 1, 1), torch.tensor(std).reshape(-1, 1, 1)
-    low, high = (-m / s).min(), ((1 - m) / s).max()
-    return m + low * s, m + high * s
-
-
-class Normalize(nn.Module):
-    """Per-channel normalisation as the model's first layer, so inputs stay in pixel space [0, 1]
-    (PGD's clamp is right there) while the network sees what the authors' networks saw."""
-
-    def __init__(self, mean, std):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).reshape(-1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).reshape(-1, 1, 1))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
-
-
-def channel_std(name):
-    """(C, 1, 1): a radius r in units of the input normalised by NORMALISATIONS[name] is r * std_c in
-    the input's own units."""
-    return torch.tensor(NORMALISATIONS[name][1]).reshape(-1, 1, 1)
-
-
-def in_input_units(directions, shape, name):
-    """(P, D) directions drawn orthonormal in units of the normalised input, in the input's own
-    units (channel c times std_c); shape: one input's (C, H, W)."""
-    return (directions.reshape(-1, *shape) * channel_std(name).to(directions.device)).flatten(1)
-
-
-def units_notes(cfg, name):
-    """What config.json records of a script that gives its radii in units of the normalised input
-    (NORMALISATIONS[name]): the normalisation (name, constants, source) and cfg's radii per channel in
-    [0, 1] pixels (r * std_c), which are also printed."""
-    mean, std, source = NORMALISATIONS[name]
-
-    def to_pixels(r):
-        return [float(f"{r * s:.4g}") for s in std]
-
-    units = {"lc_radius": to_pixels(cfg.lc_radius), "pgd_eps": [to_pixels(e) for e in cfg.pgd_eps],
-             "pgd_alpha": to_pixels(cfg.pgd_alpha)}
-    print(f"radii in normalised units; per channel in [0, 1] pixels: LC r {units['lc_radius']}, PGD eps "
-          f"{units['pgd_eps']}, alpha {units['pgd_alpha']}")
-    return {"pixel_units": units, "normalisation": {"name": name, "mean": list(mean), "std": list(std), "source": source}}
 
 
 def _check_points(x, where):
@@ -349,6 +228,23 @@ def lc_summary(counts):
     total = counts.sum(1).double()
     half = 2.576 * total.std().item() / math.sqrt(len(total)) if len(total) > 1 else float("nan")
     return total.mean().item(), half
+
+
+@contextlib.contextmanager
+def tf32_flags(allowed):
+    """Both of PyTorch's TF32 flags (CUDA matmuls, cuDNN convolutions) set for the duration, then
+    restored."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def exact_float32():
+    """TF32 rounds to ~1e-3 relative: far coarser than an LC radius of 5e-3 or 1e-4. Turn it off."""
+    return tf32_flags(False)
 
 
 def round_to_tf32(t):
@@ -502,7 +398,7 @@ def weight_norm(model):
     return math.sqrt(sum(p.detach().double().pow(2).sum().item() for p in model.parameters()))
 
 
-# ----------------------------------------------------------------------------- PGD
+# ----------------------------------------------------------------------------- PGD and its diagnostics
 PGD_LOSSES = ("log1m", "ce32")
 
 
@@ -621,6 +517,71 @@ def zero_grad_fraction(model, x, y, batch_size=2048):
     return zero / len(x)
 
 
+# ----------------------------------------------------------------------------- units of the inputs
+# Input normalisations (mean, std per channel), each named once with its source. The radii of the
+# CIFAR and ResNet scripts are in the units of the normalised input, so the constants set the radii.
+NORMALISATIONS = {
+    "cifar10_true": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                     "CIFAR-10's own per-channel mean and std over the 50k training images"),
+    "cifar10_authors": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
+                        "grok-adversarial dataloaders.py (Humayun et al.'s Fig. 1 code; kuangliu's widely copied "
+                        "constants): the true mean, but not the true std"),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "torchvision's ImageNet constants"),
+}
+
+
+def papers_box(name):
+    """The clamp of the papers' attack, in [0, 1] pixel units per channel: their PGD clamps the
+    normalised input to one global range, [min_c (0 - m_c) / s_c, max_c (1 - m_c) / s_c] (for
+    cifar10_authors [-2.4291, 2.7537], grok-adversarial configs.py), not to each channel's own
+    [0, 1]. Returns (lo, hi) as (C, 1, 1) tensors."""
+    mean, std, _ = NORMALISATIONS[name]
+    m, s = torch.tensor(mean).reshape(-1, 1, 1), torch.tensor(std).reshape(-1, 1, 1)
+    low, high = (-m / s).min(), ((1 - m) / s).max()
+    return m + low * s, m + high * s
+
+
+class Normalize(nn.Module):
+    """Per-channel normalisation as the model's first layer, so inputs stay in pixel space [0, 1]
+    (PGD's clamp is right there) while the network sees what the authors' networks saw."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).reshape(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).reshape(-1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def channel_std(name):
+    """(C, 1, 1): a radius r in units of the input normalised by NORMALISATIONS[name] is r * std_c in
+    the input's own units."""
+    return torch.tensor(NORMALISATIONS[name][1]).reshape(-1, 1, 1)
+
+
+def in_input_units(directions, shape, name):
+    """(P, D) directions drawn orthonormal in units of the normalised input, in the input's own
+    units (channel c times std_c); shape: one input's (C, H, W)."""
+    return (directions.reshape(-1, *shape) * channel_std(name).to(directions.device)).flatten(1)
+
+
+def units_notes(cfg, name):
+    """What config.json records of a script that gives its radii in units of the normalised input
+    (NORMALISATIONS[name]): the normalisation (name, constants, source) and cfg's radii per channel in
+    [0, 1] pixels (r * std_c), which are also printed."""
+    mean, std, source = NORMALISATIONS[name]
+
+    def to_pixels(r):
+        return [float(f"{r * s:.4g}") for s in std]
+
+    units = {"lc_radius": to_pixels(cfg.lc_radius), "pgd_eps": [to_pixels(e) for e in cfg.pgd_eps],
+             "pgd_alpha": to_pixels(cfg.pgd_alpha)}
+    print(f"radii in normalised units; per channel in [0, 1] pixels: LC r {units['lc_radius']}, PGD eps "
+          f"{units['pgd_eps']}, alpha {units['pgd_alpha']}")
+    return {"pixel_units": units, "normalisation": {"name": name, "mean": list(mean), "std": list(std), "source": source}}
+
+
 # ----------------------------------------------------------------------------- one evaluation
 def evaluate(model, x, y, loss_fn, batch_size=2048):
     """(accuracy, mean loss) of model on (x, y), in eval mode, without gradients."""
@@ -724,48 +685,7 @@ def measure(model, cfg, probes, timer, step, full=True):
     return rec
 
 
-def evaluate_and_log(model, cfg, step, probes, run, timer, checkpoint, full=True, batch_loss_max=None):
-    """One evaluation step of a script: train and test accuracy and loss, measure(), the partition
-    picture at init, at the first evaluation with train accuracy >= 99% ("fit") and at the end,
-    one logged record, a progress line, a checkpoint (checkpoint() saves it). It closes the
-    training segment before (one device sync) and opens the next after. Stops the run with a
-    clear message when the training loss is not finite; what was logged stays, and the plot is
-    written. full=False: see measure (no LC, PGD or partition picture). batch_loss_max: a 0-d
-    tensor, the largest training-batch loss since the last evaluation (kept on the device without a
-    sync), logged as batch_loss_max and reset: it shows the loss spikes that evaluations at
-    far-apart log-spaced steps miss."""
-    timer.stop_training()
-    rec = {"step": step}
-    if batch_loss_max is not None and step > 0:
-        rec["batch_loss_max"] = batch_loss_max.item()
-        batch_loss_max.zero_()
-    with timer("eval"):
-        for split in ("train", "test"):
-            rec[f"{split}_acc"], rec[f"{split}_loss"] = evaluate(model, *getattr(probes, split), probes.loss_fn)
-    if not math.isfinite(rec["train_loss"]):
-        log_metrics(run, rec)
-        write_csv(run)
-        plot_run(run)
-        die(f"training loss is {rec['train_loss']} at step {step}; lower --lr (or --init-scale) and start again "
-            f"in a new --out (the metrics so far are in {run})")
-    rec.update(measure(model, cfg, probes, timer, step, full))
-    name = "init" if step == 0 else "end" if step == cfg.steps else None
-    if name is None and full and rec["train_acc"] >= 0.99 and not (Path(run) / "partition_fit.png").exists():
-        name = "fit"
-    if name:
-        with timer("partition"):
-            partition_picture(model, probes.anchors, Path(run) / f"partition_{name}.png", cfg.partition_resolution,
-                              title=f"step {step}: ")
-    log_metrics(run, rec)
-    shown = " ".join(f"{k} {v:.3g}" for k, v in rec.items()
-                     if k in ("train_acc", "test_acc", "lc_train", "lc_boundary", "margin_p90", "zero_grad_frac")
-                     or k.startswith(("pgd_acc", "pgd_ce32")))
-    print(f"step {step:>7}/{cfg.steps} ({100 * step / max(cfg.steps, 1):5.1f}%) | {shown}", flush=True)
-    with timer("checkpoint"):
-        checkpoint()
-    timer.start_training()
-
-
+# ----------------------------------------------------------------------------- partition picture
 def anchor_points(x, y):
     """Three inputs for the partition picture: the first of each of three classes (the first three
     inputs when fewer than three classes are present)."""
@@ -773,7 +693,6 @@ def anchor_points(x, y):
     return x[torch.tensor(firsts if len(firsts) == 3 else [0, 1, 2], device=x.device)]
 
 
-# ----------------------------------------------------------------------------- partition picture
 def partition_picture(model, anchors, path, resolution=300, margin=0.5, batch_size=1024, title=""):
     """Draws the linear regions of model on the plane through three inputs (anchors: (3, ...)).
 
@@ -877,7 +796,101 @@ def region_ids(model, points, point_shape, batch_size=1024, row=None):
     return ids, torch.cat(classes), torch.cat(flips) if row else None
 
 
-# ----------------------------------------------------------------------------- schedules, timing
+# ==================== PART 2 of 3, BOOKKEEPING: how the scripts run (measurement readers can stop here)
+# ----------------------------------------------------------------------------- errors, device
+def die(message):
+    """A usage error: one line on stderr, exit code 2, no traceback. The user has something to fix."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def pick_device(name="auto"):
+    """'auto' picks cuda, then mps, then cpu. On CUDA, training matmuls and convs may use TF32 (the
+    measurements turn it off: see exact_float32). On CPU torch uses every core: on a 2-core
+    machine two threads trained the MLP 1.2-2.2x and the CNN 1.2-2.4x faster than one (README,
+    performance); when two runs share the machine, give each OMP_NUM_THREADS=1."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if cuda else "mps" if mps else "cpu"
+    if name not in ("cuda", "mps", "cpu"):
+        die(f"unknown --device {name!r}; use auto, cuda, mps or cpu")
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        die(f"--device {name} asked for but this machine has no usable {name.upper()} device; use --device cpu "
+            f"(or auto)")
+    if name == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return torch.device(name)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def make_optimizer(cls, params, **kwargs):
+    """The fused implementation where the device has one (CUDA, CPU in torch >= 2.4): one kernel a
+    step and no host-device synchronisation; else the default (foreach or single-tensor)."""
+    params = list(params)
+    try:
+        return cls(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return cls(params, **kwargs)
+
+
+def compiled(model, enabled, device):
+    """--compile: the model for the training step through torch.compile, with CUDA graphs
+    (mode reduce-overhead) on a GPU; the model itself otherwise."""
+    if not enabled:
+        return model
+    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
+# ----------------------------------------------------------------------------- evaluation step, schedule, timing
+def evaluate_and_log(model, cfg, step, probes, run, timer, checkpoint, full=True, batch_loss_max=None):
+    """One evaluation step of a script: train and test accuracy and loss, measure(), the partition
+    picture at init, at the first evaluation with train accuracy >= 99% ("fit") and at the end,
+    one logged record, a progress line, a checkpoint (checkpoint() saves it). It closes the
+    training segment before (one device sync) and opens the next after. Stops the run with a
+    clear message when the training loss is not finite; what was logged stays, and the plot is
+    written. full=False: see measure (no LC, PGD or partition picture). batch_loss_max: a 0-d
+    tensor, the largest training-batch loss since the last evaluation (kept on the device without a
+    sync), logged as batch_loss_max and reset: it shows the loss spikes that evaluations at
+    far-apart log-spaced steps miss."""
+    timer.stop_training()
+    rec = {"step": step}
+    if batch_loss_max is not None and step > 0:
+        rec["batch_loss_max"] = batch_loss_max.item()
+        batch_loss_max.zero_()
+    with timer("eval"):
+        for split in ("train", "test"):
+            rec[f"{split}_acc"], rec[f"{split}_loss"] = evaluate(model, *getattr(probes, split), probes.loss_fn)
+    if not math.isfinite(rec["train_loss"]):
+        log_metrics(run, rec)
+        write_csv(run)
+        plot_run(run)
+        die(f"training loss is {rec['train_loss']} at step {step}; lower --lr (or --init-scale) and start again "
+            f"in a new --out (the metrics so far are in {run})")
+    rec.update(measure(model, cfg, probes, timer, step, full))
+    name = "init" if step == 0 else "end" if step == cfg.steps else None
+    if name is None and full and rec["train_acc"] >= 0.99 and not (Path(run) / "partition_fit.png").exists():
+        name = "fit"
+    if name:
+        with timer("partition"):
+            partition_picture(model, probes.anchors, Path(run) / f"partition_{name}.png", cfg.partition_resolution,
+                              title=f"step {step}: ")
+    log_metrics(run, rec)
+    shown = " ".join(f"{k} {v:.3g}" for k, v in rec.items()
+                     if k in ("train_acc", "test_acc", "lc_train", "lc_boundary", "margin_p90", "zero_grad_frac")
+                     or k.startswith(("pgd_acc", "pgd_ce32")))
+    print(f"step {step:>7}/{cfg.steps} ({100 * step / max(cfg.steps, 1):5.1f}%) | {shown}", flush=True)
+    with timer("checkpoint"):
+        checkpoint()
+    timer.start_training()
+
+
 def log_steps(total, n=40, first=0):
     """About n integer steps from `first` to `total`, evenly spaced on a log axis (0 included)."""
     steps = np.unique(np.round(np.geomspace(1, max(total, 1), n)).astype(int))
@@ -940,7 +953,7 @@ class Timer:
                 "train_steps_per_s": round(train_steps / self.seconds["train"], 1) if self.seconds.get("train") else None}
 
 
-# ----------------------------------------------------------------------------- the entry point
+# ----------------------------------------------------------------------------- configuration, entry point
 def cli(main, config_class, argv=None):
     """A script's entry point: parse the config, run main, and end what cannot be checked up front
     (Ctrl-C, out of memory, a full disk) with one line that names the cause and how to go on; the
@@ -964,7 +977,6 @@ def cli(main, config_class, argv=None):
         raise
 
 
-# ----------------------------------------------------------------------------- configuration
 # Fields that may change when a run is resumed: the schedule (a longer run, other evaluation steps:
 # every record depends only on its step, see measure), where the data and the run live, and how
 # the step is executed. Every other field defines the experiment.
@@ -1102,157 +1114,6 @@ def check_config(cfg, input_dim=None):
     if input_dim is not None and cfg.lc_directions > input_dim:
         die(f"--lc-directions {cfg.lc_directions}: at most the input dimension, {input_dim} (orthonormal directions)")
     return cfg
-
-
-def check_data(source, x_train, y_train, x_test, y_test, image_shape, n_classes):
-    """Refuses, naming the source, data the scripts would silently misuse: images of another shape
-    or dtype (float images would be divided by 255 twice), labels that are not 1-D integers in
-    0..C-1, counts that differ between images and labels, an empty split."""
-    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
-        if tuple(x.shape[1:]) != tuple(image_shape):
-            die(f"{source}: {split} images must be {'x'.join(map(str, image_shape))} each, got {tuple(x.shape[1:])}")
-        if x.dtype != torch.uint8:
-            die(f"{source}: {split} images are {x.dtype}, expected uint8 (pixel values 0..255)")
-        if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
-            die(f"{source}: {split} labels must be a 1-D array of integers, got {tuple(y.shape)} {y.dtype}")
-        if len(x) != len(y):
-            die(f"{source}: {len(x)} {split} images but {len(y)} labels")
-        if len(x) == 0:
-            die(f"{source}: no {split} images")
-        if y.min() < 0 or y.max() >= n_classes:
-            die(f"{source}: {split} labels must lie in 0..{n_classes - 1}, found {int(y.min())}..{int(y.max())}")
-    if len(torch.unique(y_train)) < 2:
-        die(f"{source}: every training label is {int(y_train[0])}; a classifier needs at least two classes")
-
-
-def read_idx(path):
-    """An IDX file of the MNIST distribution (plain or .gz) as a uint8 tensor; a truncated or
-    foreign file ends the program with one line naming it."""
-    path = Path(path)
-    try:
-        data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
-    except (OSError, EOFError) as e:
-        die(f"{path}: cannot be read ({e})")
-    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or not 1 <= data[3] <= 4:
-        die(f"{path}: not an IDX file of unsigned bytes (the MNIST format)")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    if len(data) != 4 + 4 * ndim + math.prod(shape):
-        die(f"{path}: {len(data)} bytes, but its header announces shape {shape}: truncated or damaged; get the file again")
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
-
-
-def idx_file(folder, name):
-    """The IDX file name in folder, plain or .gz as distributed; None when neither is there."""
-    return next((p for p in (Path(folder) / name, Path(folder) / f"{name}.gz") if p.is_file()), None)
-
-
-def split_mnist(source, out, n_train):
-    """A test-set-only MNIST copy (t10k-* in source) split in torchvision's layout under out: the
-    first n_train digits as train-*, the rest as t10k-* (the real test set is not sorted by class)."""
-    x, y = (read_idx(idx_file(source, name)) for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
-    if not 0 < n_train < len(x):
-        die(f"--train {n_train}: must be between 1 and {len(x) - 1} (the copy holds {len(x)} digits)")
-    raw = Path(out) / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train-images-idx3-ubyte", x[:n_train]), ("train-labels-idx1-ubyte", y[:n_train]),
-                       ("t10k-images-idx3-ubyte", x[n_train:]), ("t10k-labels-idx1-ubyte", y[n_train:])):
-        header = bytes([0, 0, 8, part.dim()]) + b"".join(n.to_bytes(4, "big") for n in part.shape)
-        (raw / name).write_bytes(header + part.numpy().tobytes())
-    return raw
-
-
-def load_npz(path):
-    """(x_train, y_train, x_test, y_test) from an .npz holding those four arrays."""
-    path = Path(path)
-    if not path.is_file():
-        die(f"{path} does not exist; pass --data-dir <.npz file or torchvision root>")
-    try:
-        with np.load(path) as d:
-            missing = {"x_train", "y_train", "x_test", "y_test"} - set(d.files)
-            if missing:
-                die(f"{path} lacks {sorted(missing)}; it needs x_train, y_train, x_test, y_test")
-            arrays = [torch.as_tensor(np.asarray(d[k])) for k in ("x_train", "y_train", "x_test", "y_test")]
-    except Exception as e:  # a damaged zip, pickled objects, a file of another kind
-        die(f"{path}: not a readable .npz file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    return arrays
-
-
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-def load_mnist(data_dir, dataset="mnist", download=True):
-    """(x_train, y_train, x_test, y_test): uint8 images (N, 28, 28) and int64 labels, checked.
-    data_dir is an .npz (x_train, y_train, x_test, y_test), a folder holding the four IDX files, or
-    torchvision's root, holding <data_dir>/MNIST/raw/ (FashionMNIST/raw/) with them; plain or .gz as
-    distributed; missing files are downloaded through torchvision when download is true."""
-    path = Path(data_dir)
-    if path.suffix == ".npz":
-        arrays, source = load_npz(path), path
-    else:
-        folder = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[dataset]
-        raw = path / folder / "raw"
-
-        def find():  # torchvision's layout, or the four files in the folder itself
-            return {n: idx_file(raw, n) or idx_file(path, n) for n in MNIST_FILES}
-
-        found = find()
-        if None in found.values() and download:
-            import torchvision
-            try:
-                for train in (True, False):
-                    getattr(torchvision.datasets, folder)(path, train=train, download=True)
-            except Exception as e:  # no network, a server error, a full disk: say it, then list the files
-                print(f"download of {dataset} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-            found = find()
-        missing = [n for n, p in found.items() if p is None]
-        if missing and all(n.startswith("train") for n in missing):
-            src = found["t10k-images-idx3-ubyte"].parent
-            die(f"{dataset} in {src}/ has only the test files (t10k-*): split them into a train and a test part with "
-                f"`python common.py split-mnist {src} data/mnist_split --train 5000`, then pass --data-dir "
-                f"data/mnist_split (README, On a laptop CPU)")
-        if missing:
-            have = sorted(p.name for p in raw.iterdir()) if raw.is_dir() else []
-            die(f"{dataset} in {raw}/: found {', '.join(have) if have else 'nothing'}; missing {', '.join(missing)} "
-                f"(plain or .gz); put them there or pass --data-dir <root or .npz>"
-                + ("" if download else " (or drop --no-download to download them)"))
-        arrays, source = [read_idx(found[n]) for n in MNIST_FILES], raw
-    check_data(source, *arrays, image_shape=(28, 28), n_classes=10)
-    x_train, y_train, x_test, y_test = arrays
-    return x_train, y_train.long(), x_test, y_test.long()
-
-
-def load_cifar10(data_dir, download=True):
-    """(x_train, y_train, x_test, y_test): uint8 NHWC images and int64 labels, checked, from an
-    .npz (x_train, y_train, x_test, y_test) or torchvision's root <data_dir>/cifar-10-batches-py/
-    (downloaded there when missing and download is true)."""
-    path = Path(data_dir)
-    if path.suffix == ".npz":
-        arrays, source = load_npz(path), path
-    else:
-        import torchvision
-        source = path / "cifar-10-batches-py"
-        try:
-            train = torchvision.datasets.CIFAR10(path, train=True, download=download)
-            test = torchvision.datasets.CIFAR10(path, train=False, download=download)
-        except Exception as e:  # missing, no network, or damaged batch files
-            die(f"CIFAR-10 not usable in {source}/ (data_batch_1..5, test_batch; {type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); put it there, or pass --data-dir <file.npz> with "
-                f"x_train, y_train, x_test, y_test")
-        arrays = [torch.as_tensor(np.asarray(a)) for a in (train.data, train.targets, test.data, test.targets)]
-    check_data(source, *arrays, image_shape=(32, 32, 3), n_classes=10)
-    x_train, y_train, x_test, y_test = arrays
-    return x_train, y_train.long(), x_test, y_test.long()
-
-
-def take_train_subset(cfg, n_available, generator=None):
-    """Indices of cfg.train_size training examples (0: all): a seeded random subset, or the first
-    ones without a generator; refuses more than the data hold."""
-    if cfg.train_size > n_available:
-        die(f"--train-size {cfg.train_size}, but the data hold {n_available} training examples; ask for at most "
-            f"{n_available} (0: all)")
-    n = cfg.train_size or n_available
-    return torch.randperm(n_available, generator=generator)[:n] if generator else torch.arange(n)
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -1519,7 +1380,7 @@ def finish_run(run, timer, train_steps):
     return summary
 
 
-# ----------------------------------------------------------------------------- plot
+# ----------------------------------------------------------------------------- plots
 PANELS = [  # (title, which keys, y-axis label)
     ("accuracy", lambda k: k in ("train_acc", "test_acc"), "accuracy"),
     ("loss", lambda k: k in ("train_loss", "test_loss", "batch_loss_max"), "loss (log)"),
@@ -1652,6 +1513,7 @@ def plot_runs(groups, path, title):
     return [panel for panel, _, _ in panels]
 
 
+# ----------------------------------------------------------------------------- compare
 # config fields that say where or how a run ran, not what it measures: never a reason to tell runs apart
 NOT_THE_SETTING = ("out", "resume", "device", "data_dir", "download", "compile", "evals", "rank_every")
 
@@ -1722,6 +1584,160 @@ def compare_runs(folders, path, at=(), keys=()):
     return "\n".join(lines)
 
 
+# ==================== PART 3 of 3, DATA: the loaders, each refusing malformed files in one line
+# ----------------------------------------------------------------------------- MNIST, Fashion-MNIST, CIFAR-10
+def check_data(source, x_train, y_train, x_test, y_test, image_shape, n_classes):
+    """Refuses, naming the source, data the scripts would silently misuse: images of another shape
+    or dtype (float images would be divided by 255 twice), labels that are not 1-D integers in
+    0..C-1, counts that differ between images and labels, an empty split."""
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if tuple(x.shape[1:]) != tuple(image_shape):
+            die(f"{source}: {split} images must be {'x'.join(map(str, image_shape))} each, got {tuple(x.shape[1:])}")
+        if x.dtype != torch.uint8:
+            die(f"{source}: {split} images are {x.dtype}, expected uint8 (pixel values 0..255)")
+        if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+            die(f"{source}: {split} labels must be a 1-D array of integers, got {tuple(y.shape)} {y.dtype}")
+        if len(x) != len(y):
+            die(f"{source}: {len(x)} {split} images but {len(y)} labels")
+        if len(x) == 0:
+            die(f"{source}: no {split} images")
+        if y.min() < 0 or y.max() >= n_classes:
+            die(f"{source}: {split} labels must lie in 0..{n_classes - 1}, found {int(y.min())}..{int(y.max())}")
+    if len(torch.unique(y_train)) < 2:
+        die(f"{source}: every training label is {int(y_train[0])}; a classifier needs at least two classes")
+
+
+def read_idx(path):
+    """An IDX file of the MNIST distribution (plain or .gz) as a uint8 tensor; a truncated or
+    foreign file ends the program with one line naming it."""
+    path = Path(path)
+    try:
+        data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    except (OSError, EOFError) as e:
+        die(f"{path}: cannot be read ({e})")
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or not 1 <= data[3] <= 4:
+        die(f"{path}: not an IDX file of unsigned bytes (the MNIST format)")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    if len(data) != 4 + 4 * ndim + math.prod(shape):
+        die(f"{path}: {len(data)} bytes, but its header announces shape {shape}: truncated or damaged; get the file again")
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
+
+
+def idx_file(folder, name):
+    """The IDX file name in folder, plain or .gz as distributed; None when neither is there."""
+    return next((p for p in (Path(folder) / name, Path(folder) / f"{name}.gz") if p.is_file()), None)
+
+
+def split_mnist(source, out, n_train):
+    """A test-set-only MNIST copy (t10k-* in source) split in torchvision's layout under out: the
+    first n_train digits as train-*, the rest as t10k-* (the real test set is not sorted by class)."""
+    x, y = (read_idx(idx_file(source, name)) for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
+    if not 0 < n_train < len(x):
+        die(f"--train {n_train}: must be between 1 and {len(x) - 1} (the copy holds {len(x)} digits)")
+    raw = Path(out) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train-images-idx3-ubyte", x[:n_train]), ("train-labels-idx1-ubyte", y[:n_train]),
+                       ("t10k-images-idx3-ubyte", x[n_train:]), ("t10k-labels-idx1-ubyte", y[n_train:])):
+        header = bytes([0, 0, 8, part.dim()]) + b"".join(n.to_bytes(4, "big") for n in part.shape)
+        (raw / name).write_bytes(header + part.numpy().tobytes())
+    return raw
+
+
+def load_npz(path):
+    """(x_train, y_train, x_test, y_test) from an .npz holding those four arrays."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"{path} does not exist; pass --data-dir <.npz file or torchvision root>")
+    try:
+        with np.load(path) as d:
+            missing = {"x_train", "y_train", "x_test", "y_test"} - set(d.files)
+            if missing:
+                die(f"{path} lacks {sorted(missing)}; it needs x_train, y_train, x_test, y_test")
+            arrays = [torch.as_tensor(np.asarray(d[k])) for k in ("x_train", "y_train", "x_test", "y_test")]
+    except Exception as e:  # a damaged zip, pickled objects, a file of another kind
+        die(f"{path}: not a readable .npz file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    return arrays
+
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def load_mnist(data_dir, dataset="mnist", download=True):
+    """(x_train, y_train, x_test, y_test): uint8 images (N, 28, 28) and int64 labels, checked.
+    data_dir is an .npz (x_train, y_train, x_test, y_test), a folder holding the four IDX files, or
+    torchvision's root, holding <data_dir>/MNIST/raw/ (FashionMNIST/raw/) with them; plain or .gz as
+    distributed; missing files are downloaded through torchvision when download is true."""
+    path = Path(data_dir)
+    if path.suffix == ".npz":
+        arrays, source = load_npz(path), path
+    else:
+        folder = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[dataset]
+        raw = path / folder / "raw"
+
+        def find():  # torchvision's layout, or the four files in the folder itself
+            return {n: idx_file(raw, n) or idx_file(path, n) for n in MNIST_FILES}
+
+        found = find()
+        if None in found.values() and download:
+            import torchvision
+            try:
+                for train in (True, False):
+                    getattr(torchvision.datasets, folder)(path, train=train, download=True)
+            except Exception as e:  # no network, a server error, a full disk: say it, then list the files
+                print(f"download of {dataset} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            found = find()
+        missing = [n for n, p in found.items() if p is None]
+        if missing and all(n.startswith("train") for n in missing):
+            src = found["t10k-images-idx3-ubyte"].parent
+            die(f"{dataset} in {src}/ has only the test files (t10k-*): split them into a train and a test part with "
+                f"`python common.py split-mnist {src} data/mnist_split --train 5000`, then pass --data-dir "
+                f"data/mnist_split (README, On a laptop CPU)")
+        if missing:
+            have = sorted(p.name for p in raw.iterdir()) if raw.is_dir() else []
+            die(f"{dataset} in {raw}/: found {', '.join(have) if have else 'nothing'}; missing {', '.join(missing)} "
+                f"(plain or .gz); put them there or pass --data-dir <root or .npz>"
+                + ("" if download else " (or drop --no-download to download them)"))
+        arrays, source = [read_idx(found[n]) for n in MNIST_FILES], raw
+    check_data(source, *arrays, image_shape=(28, 28), n_classes=10)
+    x_train, y_train, x_test, y_test = arrays
+    return x_train, y_train.long(), x_test, y_test.long()
+
+
+def load_cifar10(data_dir, download=True):
+    """(x_train, y_train, x_test, y_test): uint8 NHWC images and int64 labels, checked, from an
+    .npz (x_train, y_train, x_test, y_test) or torchvision's root <data_dir>/cifar-10-batches-py/
+    (downloaded there when missing and download is true)."""
+    path = Path(data_dir)
+    if path.suffix == ".npz":
+        arrays, source = load_npz(path), path
+    else:
+        import torchvision
+        source = path / "cifar-10-batches-py"
+        try:
+            train = torchvision.datasets.CIFAR10(path, train=True, download=download)
+            test = torchvision.datasets.CIFAR10(path, train=False, download=download)
+        except Exception as e:  # missing, no network, or damaged batch files
+            die(f"CIFAR-10 not usable in {source}/ (data_batch_1..5, test_batch; {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); put it there, or pass --data-dir <file.npz> with "
+                f"x_train, y_train, x_test, y_test")
+        arrays = [torch.as_tensor(np.asarray(a)) for a in (train.data, train.targets, test.data, test.targets)]
+    check_data(source, *arrays, image_shape=(32, 32, 3), n_classes=10)
+    x_train, y_train, x_test, y_test = arrays
+    return x_train, y_train.long(), x_test, y_test.long()
+
+
+def take_train_subset(cfg, n_available, generator=None):
+    """Indices of cfg.train_size training examples (0: all): a seeded random subset, or the first
+    ones without a generator; refuses more than the data hold."""
+    if cfg.train_size > n_available:
+        die(f"--train-size {cfg.train_size}, but the data hold {n_available} training examples; ask for at most "
+            f"{n_available} (0: all)")
+    n = cfg.train_size or n_available
+    return torch.randperm(n_available, generator=generator)[:n] if generator else torch.arange(n)
+
+
+# ----------------------------------------------------------------------------- python common.py
 if __name__ == "__main__":
     if sys.argv[1:2] == ["split-mnist"]:
         parser = argparse.ArgumentParser(prog="python common.py split-mnist", allow_abbrev=False,
