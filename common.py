@@ -1,24 +1,20 @@
 """Measurements and run bookkeeping shared by the exp_*.py scripts, in three parts, in this order.
 
-MEASUREMENTS, each tested against an independent oracle in tests/. A reader who wants only the
-measurements can stop at the BOOKKEEPING header:
-  the neurons: ReLU inputs   relu_inputs, the hook every measurement below looks inside a model with
-  local complexity           random_directions, local_complexity, lc_summary (Humayun et al. 2024);
-                             lc_precision_audit (TF32 against float32); boundary_points
-  rank and norm              feature_rank, effective_rank, layer_ranks (Fan et al. 2024), weight_norm
-  PGD and its diagnostics    pgd_attack, pgd_accuracy (L-infinity, Madry et al. 2018; two losses:
-                             the masking-free default and the papers' float32 cross-entropy),
-                             logit_margins, zero_grad_fraction
-  units of the inputs        NORMALISATIONS, Normalize, papers_box, in_input_units, units_notes
-  one evaluation             evaluate, Probes (what every evaluation of a run measures), measure
-  partition picture          anchor_points, partition_picture, region_ids: the linear regions on a
-                             2D slice of input space
-BOOKKEEPING: errors and device (die, pick_device), a script's evaluation step (evaluate_and_log),
-  log-spaced steps and a timer, the configuration from the command line (parse_config,
-  check_config, cli), the run folder (config.json, metrics.jsonl, metrics.csv, checkpoint.pt and
-  resume, summary.json with the grokking onsets), plots (metrics.png), compare.
-DATA: the MNIST, Fashion-MNIST and CIFAR-10 loaders; `python common.py` (redraw, compare,
-  split-mnist) last.
+MEASUREMENTS (each tested against an independent oracle in tests/; a reader who wants only these
+can stop at PART 2): relu_inputs, the hook through which every measurement finds the neurons;
+local complexity (random_directions, local_complexity, lc_summary, boundary_points; TF32 against
+float32: lc_precision_audit); rank and norm (feature_rank, effective_rank, layer_ranks,
+weight_norm); L-infinity PGD and its diagnostics (pgd_attack, pgd_accuracy with the masking-free
+default loss or the papers' float32 cross-entropy, logit_margins, zero_grad_fraction); units of
+the inputs (NORMALISATIONS, Normalize, papers_box, in_input_units); one evaluation (evaluate,
+Probes: what every evaluation of a run measures, measure); the linear regions on a plane through
+three inputs (partition_picture).
+BOOKKEEPING: errors and device, a script's evaluation step (evaluate_and_log), log-spaced steps
+and a timer, the configuration from the command line (parse_config, check_config, cli), the run
+folder (config.json, metrics.jsonl/.csv, checkpoint.pt and resume, summary.json with the grokking
+onsets), plots (metrics.png), compare.
+DATA: the MNIST, Fashion-MNIST and CIFAR-10 loaders; then `python common.py` (redraw, compare,
+split-mnist).
 
 Every function that looks inside a model finds its neurons the same way: the inputs of every
 nn.ReLU module that runs in the forward pass, in the order they run (a conv layer's input: every
@@ -535,8 +531,7 @@ def papers_box(name):
     normalised input to one global range, [min_c (0 - m_c) / s_c, max_c (1 - m_c) / s_c] (for
     cifar10_authors [-2.4291, 2.7537], grok-adversarial configs.py), not to each channel's own
     [0, 1]. Returns (lo, hi) as (C, 1, 1) tensors."""
-    mean, std, _ = NORMALISATIONS[name]
-    m, s = torch.tensor(mean).reshape(-1, 1, 1), torch.tensor(std).reshape(-1, 1, 1)
+    m, s = torch.tensor(NORMALISATIONS[name][0]).reshape(-1, 1, 1), channel_std(name)
     low, high = (-m / s).min(), ((1 - m) / s).max()
     return m + low * s, m + high * s
 
@@ -608,44 +603,30 @@ class Probes:
     pgd_y: torch.Tensor  # their labels
     anchors: torch.Tensor  # three inputs that span the partition pictures' plane (anchor_points)
     seed: int  # seeds PGD's random starts, with the step
-    units: str = "none"  # the radii's units: none = the inputs' own; a NORMALISATIONS name = that normalised input's
+    units: str = "none"  # the radii's units: none = the inputs'; a NORMALISATIONS name = the normalised input's
     lo: float = 0.0  # the input box PGD clamps to
     hi: float = 1.0
-    papers_clamp: str = "box"  # the papers' attack clamps to: box = [lo, hi]; normalised = their global range (papers_box)
+    papers_clamp: str = "box"  # the papers' attack clamps to box = [lo, hi] or normalised = theirs (papers_box)
 
     def __post_init__(self):
         if self.units != "none" and self.units not in NORMALISATIONS:
             raise ValueError(f"Probes: units {self.units!r}: use 'none' or one of {', '.join(NORMALISATIONS)}")
-        if self.papers_clamp not in ("box", "normalised") or (self.papers_clamp == "normalised" and self.units == "none"):
+        if self.papers_clamp not in ("box", "normalised") or (self.papers_clamp, self.units) == ("normalised", "none"):
             raise ValueError(f"Probes: papers_clamp {self.papers_clamp!r}: use 'box', or 'normalised' with units set")
-
-    def scale(self):
-        """What multiplies PGD's eps and alpha to put them in the input's units."""
-        return 1.0 if self.units == "none" else channel_std(self.units).to(self.pgd_x.device)
-
-    def lc_directions(self):
-        """The LC directions in the input's units."""
-        return self.directions if self.units == "none" else in_input_units(self.directions, self.pgd_x.shape[1:],
-                                                                           self.units)
-
-    def papers_box(self):
-        """(lo, hi) of the papers' attack."""
-        if self.papers_clamp == "box":
-            return self.lo, self.hi
-        return tuple(t.to(self.pgd_x.device) for t in papers_box(self.units))
 
 
 def measure(model, cfg, probes, timer, step, full=True):
     """Every measure of the papers at one step but the losses, as a dict; probes (a Probes) holds
-    what stays fixed for the run. Both attacks run at every eps (pgd_acc_<eps>: the default,
-    masking-free attack; pgd_ce32_acc_<eps>: the papers', from x as their code does, or with
-    cfg.ce32_random_start from the default attack's random starts), with the logit margins'
-    quantiles (margin_p10/p50/p90) and zero_grad_frac on the same points (see pgd_attack). LC
-    (mean and 99% CI) is also taken at points on the decision boundary between test points. cfg
-    names the settings: lc_radius, lc_batch, pgd_eps, pgd_alpha, pgd_steps, pgd_restarts,
-    ce32_random_start, in probes.units. PGD's random starts come from a generator seeded by (seed,
-    step), so a step's numbers do not depend on which steps were evaluated before it (a resumed or
-    extended run gives the same records). full=False measures only rank and norm."""
+    what stays fixed for the run. cfg names the settings, its radii in probes.units: lc_radius,
+    lc_batch, pgd_eps, pgd_alpha, pgd_steps, pgd_restarts, ce32_random_start. Both attacks run at
+    every eps (pgd_acc_<eps>: the default, masking-free attack; pgd_ce32_acc_<eps>: the papers',
+    from x as their code does, or with cfg.ce32_random_start from the default attack's random
+    starts), with the logit margins' quantiles (margin_p10/p50/p90) and zero_grad_frac on the same
+    points (see pgd_attack). LC (mean and 99% CI) is also taken at points on the decision boundary
+    between test points. PGD's random starts come from a generator seeded by (seed, step), so a
+    step's numbers do not depend on which steps were evaluated before it (a resumed or extended
+    run gives the same records). full=False measures only rank and norm."""
+    x, y, normalised = probes.pgd_x, probes.pgd_y, probes.units != "none"
     rec = {}
     with timer("rank"):  # first: cheap, and in every evaluation (full=False: only rank and norm)
         for i, (rank, erank) in enumerate(layer_ranks(model, probes.rank_x)):
@@ -656,14 +637,15 @@ def measure(model, cfg, probes, timer, step, full=True):
     with timer("lc"):
         sets = dict(probes.lc_points)
         sets["boundary"] = boundary_points(model, sets["test"])
-        directions = probes.lc_directions()
+        directions = in_input_units(probes.directions, x.shape[1:], probes.units) if normalised else probes.directions
         for name, pts in sets.items():
             if len(pts) == 0:  # no boundary points while every test point gets the same class
                 continue
             counts = local_complexity(model, pts, cfg.lc_radius, directions, cfg.lc_batch)
             rec[f"lc_{name}"], rec[f"lc_{name}_ci"] = lc_summary(counts)
-    x, y, scale = probes.pgd_x, probes.pgd_y, probes.scale()
-    ce32_lo, ce32_hi = probes.papers_box()
+    scale = channel_std(probes.units).to(x.device) if normalised else 1.0  # eps and alpha in the input's units
+    ce32_lo, ce32_hi = ((probes.lo, probes.hi) if probes.papers_clamp == "box" else
+                        tuple(t.to(x.device) for t in papers_box(probes.units)))
     generator = torch.Generator(x.device).manual_seed(probes.seed * 1_000_003 + step)
     for eps in cfg.pgd_eps:
         start = generator.get_state()  # both attacks from the same random starts
