@@ -1490,7 +1490,9 @@ def plot_runs(groups, path, title):
     fig.text(0.5, 0.003, "step 0 is drawn at half the first logged step (log axis); LC bands: 99% confidence interval "
              "of the mean over points; PGD: solid the default attack, dashed the papers' ce32 (README: reading the "
              "outputs)", ha="center", va="bottom", fontsize=8, color="0.3")
-    fig.tight_layout(rect=(0, 0.025, 1, 1))
+    # a fixed layout: tight_layout measured every tick label twice and took half the plotting time
+    height = 3.8 * rows  # inches: room for the title, the footnote, and each panel's title and axis labels
+    fig.subplots_adjust(left=0.055, right=0.99, bottom=0.65 / height, top=1 - 0.75 / height, wspace=0.25, hspace=0.34)
     fig.savefig(path, dpi=100)
     return [panel for panel, _, _ in panels]
 
