@@ -111,7 +111,8 @@ def main():
     parser.add_argument("--only", nargs="+", help="run only these settings")
     parser.add_argument("--smoke", action="store_true", help="every setting with --quick: the same code, tiny, on CPU")
     parser.add_argument("--tf32-check", action="store_true",
-                        help="only the TF32 check of LC (run first anyway when a GPU is present, and in --smoke)")
+                        help="only the TF32 check of LC (run first anyway by a whole suite, without --only, on a "
+                             "GPU or with --smoke)")
     parser.add_argument("--tf32-points", type=int, default=128, help="images of the TF32 check")
     args = parser.parse_args()
     names = [name for name, *_ in SETTINGS]
@@ -127,7 +128,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + 60 * args.budget_minutes
     import torch
-    if args.tf32_check or args.smoke or torch.cuda.is_available():
+    if args.tf32_check or (not args.only and (args.smoke or torch.cuda.is_available())):
         tf32_check(args, out)
         if args.tf32_check:
             return

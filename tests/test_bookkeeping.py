@@ -1,9 +1,6 @@
 """Run folder, metrics, plot, onset summary, log-spaced steps; the partition picture."""
 import itertools
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +8,8 @@ import torch
 import torch.nn as nn
 
 import common
+from test_scripts import run_script
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_log_steps_are_log_spaced_and_include_both_ends():
@@ -231,6 +228,5 @@ def test_compare_groups_a_sweep_by_the_fields_that_differ_and_refuses_mixed_expe
     other = tmp_path / "modular"
     _fake_run(other, "exp_modular_arith.py", {"weight_decay": 1.0, "seed": 0}, (0.1, 0.5, 1.0))
     for bad, message in (([runs[0], other], "different scripts"), ([runs[0], runs[0]], "given twice")):
-        proc = subprocess.run([sys.executable, str(REPO / "common.py"), "compare", *map(str, bad), "--out",
-                               str(tmp_path / "x.png")], capture_output=True, text=True)
+        proc = run_script("common.py", "compare", *bad, "--out", tmp_path / "x.png", ok=False)
         assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "x.png").exists()

@@ -16,9 +16,9 @@ MODULAR_QUICK = ["--quick", "--steps", "200"]
 
 
 def test_common_help_exits_0_and_no_arguments_exit_2():
-    proc = subprocess.run([sys.executable, str(REPO / "common.py"), "--help"], capture_output=True, text=True)
+    proc = run_script("common.py", "--help")
     assert proc.returncode == 0 and "compare" in proc.stdout and "split-mnist" in proc.stdout
-    proc = subprocess.run([sys.executable, str(REPO / "common.py")], capture_output=True, text=True)
+    proc = run_script("common.py", ok=False)
     assert proc.returncode == 2 and "usage" in proc.stderr
 
 
@@ -83,8 +83,9 @@ def test_mnist_from_a_plain_folder_of_the_four_files(tmp_path, mnist_dir, compre
     for f in (mnist_dir / "MNIST" / "raw").iterdir():
         data = f.read_bytes()
         (plain / (f.name + (".gz" if compress else ""))).write_bytes(gzip.compress(data) if compress else data)
-    run_script("exp_mnist_mlp.py", "--quick", "--no-download", "--data-dir", plain, "--out", tmp_path / "run")
-    assert records(tmp_path / "run")[-1]["step"] > 0
+    run_script("exp_mnist_mlp.py", "--quick", "--no-download", "--data-dir", plain, "--steps", "20", "--evals", "2",
+               "--out", tmp_path / "run")
+    assert records(tmp_path / "run")[-1]["step"] == 20
 
 
 def test_a_test_set_only_copy_gets_the_split_command_which_works(tmp_path, mnist_dir):
@@ -95,9 +96,7 @@ def test_a_test_set_only_copy_gets_the_split_command_which_works(tmp_path, mnist
     proc = run_script("exp_mnist_mlp.py", "--quick", "--no-download", "--data-dir", only_test, "--out",
                       tmp_path / "run", ok=False)
     assert proc.returncode == 2 and "only the test files" in proc.stderr and "split-mnist" in proc.stderr
-    split = subprocess.run([sys.executable, str(REPO / "common.py"), "split-mnist", str(only_test),
-                            str(tmp_path / "split"), "--train", "60"], capture_output=True, text=True)
-    assert split.returncode == 0, split.stderr
+    run_script("common.py", "split-mnist", only_test, tmp_path / "split", "--train", "60")
     sys.path.insert(0, str(REPO))
     import common
     x_train, y_train, x_test, y_test = common.load_mnist(tmp_path / "split", download=False)

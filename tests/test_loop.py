@@ -54,8 +54,9 @@ def count_syncs_in_training(monkeypatch, module, argv):
     (exp_modular_arith, None), (exp_mnist_mlp, "mnist_dir"), (exp_deep_mlp_rank, "mnist_dir"),
     (exp_cifar_cnn, "cifar_npz"), (exp_imagenette_resnet, "image_folder")], ids=lambda m: getattr(m, "__name__", m))
 def test_no_device_sync_between_evaluations(module, data, request, tmp_path, monkeypatch):
-    flags = ["--quick", "--device", "cpu", "--evals", "2", "--rank-every", "1000"] if module is exp_deep_mlp_rank \
-        else ["--quick", "--device", "cpu", "--evals", "2"]
+    # the smallest measurements: they run inside the evaluations, which are not counted
+    flags = ["--quick", "--device", "cpu", "--evals", "2", "--lc-points", "2", "--pgd-points", "2", "--rank-points", "2",
+             "--partition-resolution", "8"] + (["--rank-every", "1000"] if module is exp_deep_mlp_rank else [])
     if data:
         flags += ["--data-dir", str(request.getfixturevalue(data))] + (["--no-download"] if data != "cifar_npz" else [])
     short = count_syncs_in_training(monkeypatch, module, flags + ["--steps", "6", "--out", str(tmp_path / "a")])

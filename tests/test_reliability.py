@@ -162,12 +162,12 @@ def test_imagenette_cache_follows_the_folder_survives_damage_and_read_only(tmp_p
 
 
 # ------------------------------------------------------------------------ resume, stopped and busy folders
-QUICK_MNIST = ["--quick", "--no-download", "--steps", "3000"]
+QUICK_MNIST = ["--quick", "--no-download", "--steps", "1000"]
 
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, mnist_dir):
-    """An uninterrupted quick run of 3000 steps (evaluations at 0, 1, 5, 25, 122, 605, 3000)."""
+    """An uninterrupted quick run of 1000 steps (evaluations at 0, 1, 4, 16, 63, 251, 1000)."""
     out = tmp_path_factory.mktemp("straight") / "run"
     run_script("exp_mnist_mlp.py", *QUICK_MNIST, "--data-dir", mnist_dir, "--out", out)
     return out
@@ -201,11 +201,11 @@ def _lines(out):
 
 def test_a_longer_schedule_on_resume_gives_the_records_of_the_longer_run(tmp_path, mnist_dir, straight_run):
     out = tmp_path / "run"
-    run_script("exp_mnist_mlp.py", *QUICK_MNIST, "--data-dir", mnist_dir, "--steps", "600", "--out", out)
-    run_script("exp_mnist_mlp.py", "--out", out, "--resume", "--steps", "3000")
+    run_script("exp_mnist_mlp.py", *QUICK_MNIST, "--data-dir", mnist_dir, "--steps", "200", "--out", out)
+    run_script("exp_mnist_mlp.py", "--out", out, "--resume", "--steps", "1000")
     straight = {r["step"]: r for r in records(straight_run)}
-    later = [r for r in records(out) if r["step"] > 600]
-    assert [r["step"] for r in later] == [605, 3000]
+    later = [r for r in records(out) if r["step"] > 200]
+    assert [r["step"] for r in later] == [251, 1000]
     # batch_loss_max is the worst batch since the previous evaluation, so it depends on the schedule
     assert all({k: v for k, v in r.items() if k != "batch_loss_max"} ==
                {k: v for k, v in straight[r["step"]].items() if k != "batch_loss_max"} for r in later)

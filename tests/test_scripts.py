@@ -13,7 +13,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def run_script(name, *args, ok=True):
-    """`python <name> --device cpu <args>` as a user types it, run in this process (as `python` would
+    """`python <name> --device cpu <args>` (common.py: without --device) as a user types it, run in this process (as `python` would
     run it: __main__, sys.argv, stdout and stderr captured, warnings printed to stderr, the exit code
     from SystemExit, a traceback on a crash), which spares an interpreter and a torch import a call.
     Tests that kill, interrupt or lock need a real process and use subprocess themselves."""
@@ -26,7 +26,7 @@ def run_script(name, *args, ok=True):
     import common
     out, err = io.StringIO(), io.StringIO()
     argv = sys.argv
-    sys.argv = [str(REPO / name), "--device", "cpu", *map(str, args)]
+    sys.argv = [str(REPO / name), *(["--device", "cpu"] if name.startswith("exp_") else []), *map(str, args)]
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
@@ -182,7 +182,7 @@ def test_mnist_reads_the_distributions_gz_files_and_takes_fractions(tmp_path, mn
     for f in (mnist_dir / "MNIST" / "raw").iterdir():
         (raw / (f.name + ".gz")).write_bytes(gzip.compress(f.read_bytes()))
     run_script("exp_mnist_mlp.py", "--quick", "--no-download", "--data-dir", tmp_path / "data", "--pgd-eps", "8/255",
-               "--out", tmp_path / "run")
+               "--steps", "20", "--evals", "2", "--out", tmp_path / "run")
     assert "pgd_acc_0.0314" in records(tmp_path / "run")[-1]
 
 
