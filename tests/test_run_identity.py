@@ -17,11 +17,17 @@ from test_scripts import ENV, REPO, run_script
 QUICK = ["--quick", "--no-download", "--steps", "20"]
 
 
-@pytest.fixture
-def mnist_run(tmp_path, mnist_dir):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished_mnist_run(tmp_path_factory, mnist_dir):
+    out = tmp_path_factory.mktemp("identity") / "run"
     run_script("exp_mnist_mlp.py", *QUICK, "--data-dir", mnist_dir, "--out", out)
     return out
+
+
+@pytest.fixture
+def mnist_run(tmp_path, finished_mnist_run):
+    """A copy of one finished quick run for each test, which may change it."""
+    return shutil.copytree(finished_mnist_run, tmp_path / "run")
 
 
 def snapshot(out):
