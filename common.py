@@ -1439,7 +1439,8 @@ def plot_runs(groups, path, title):
     panels = [p for p in panels if p[1]]
     cols = 3
     rows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(5.2 * cols, 3.8 * rows))
+    height = 3.8 * rows  # inches: room for the title, the footnote, and each panel's title and axis labels
+    fig = Figure(figsize=(5.2 * cols, height))
     axes = fig.subplots(rows, cols, squeeze=False)
     positive = [r["step"] for r in everything if r["step"] > 0]
     zero_at = min(positive) / 2 if positive else 1
@@ -1491,7 +1492,6 @@ def plot_runs(groups, path, title):
              "of the mean over points; PGD: solid the default attack, dashed the papers' ce32 (README: reading the "
              "outputs)", ha="center", va="bottom", fontsize=8, color="0.3")
     # a fixed layout: tight_layout measured every tick label twice and took half the plotting time
-    height = 3.8 * rows  # inches: room for the title, the footnote, and each panel's title and axis labels
     fig.subplots_adjust(left=0.055, right=0.99, bottom=0.65 / height, top=1 - 0.75 / height, wspace=0.25, hspace=0.34)
     fig.savefig(path, dpi=100)
     return [panel for panel, _, _ in panels]

@@ -116,7 +116,7 @@ def main(cfg):
     start = common.restore(run, checkpoint, model, optimizer, generators) if checkpoint else 0
 
     # what every evaluation measures, fixed for the whole run (random points: uniform in [0, 1]^3072);
-    # the radii are in normalised units (Probes scales eps, alpha and the LC directions by std)
+    # the radii are in normalised units (measure scales eps, alpha and the LC directions by std)
     directions = common.random_directions(cfg.lc_directions, 3 * 32 * 32, data_gen)  # drawn before the random points
     probes = common.Probes(
         train=(x_train, y_train), test=(x_test, y_test), loss_fn=F.cross_entropy,

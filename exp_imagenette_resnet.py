@@ -252,7 +252,7 @@ def main(cfg):
     start = common.restore(run, checkpoint, model, optimizer, generators) if checkpoint else 0
 
     # what every evaluation measures, fixed for the whole run (random points: uniform in [0, 1]^D);
-    # the radii are in normalised units (Probes scales eps, alpha and the LC directions by std), and
+    # the radii are in normalised units (measure scales eps, alpha and the LC directions by std), and
     # the papers' attack clamps as theirs does, to the normalised input's global range
     shape = (3, cfg.resolution, cfg.resolution)
     directions = common.random_directions(cfg.lc_directions, 3 * cfg.resolution ** 2, data_gen)

@@ -11,7 +11,6 @@ import common
 from test_scripts import run_script
 
 
-
 def test_log_steps_are_log_spaced_and_include_both_ends():
     steps = common.log_steps(100_000, 40)
     assert steps[0] == 0 and steps[-1] == 100_000 and steps == sorted(set(steps))
