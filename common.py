@@ -873,10 +873,12 @@ def evaluate_and_log(model, cfg, step, probes, run, timer, checkpoint, full=True
     timer.start_training()
 
 
-def log_steps(total, n=40, first=0):
-    """About n integer steps from `first` to `total`, evenly spaced on a log axis (0 included)."""
-    steps = np.unique(np.round(np.geomspace(1, max(total, 1), n)).astype(int))
-    return sorted({s for s in [0, *steps.tolist(), total] if first <= s <= total})
+def log_steps(total, n=40, first=0, every=0):
+    """About n integer steps from `first` to `total`, evenly spaced on a log axis (0 included), and
+    with every > 0 each multiple of it too (log-spaced steps are far apart late in a long run)."""
+    steps = np.unique(np.round(np.geomspace(1, max(total, 1), n)).astype(int)).tolist()
+    steps += list(range(every, total, every)) if every else []
+    return sorted({s for s in [0, *steps, total] if first <= s <= total})
 
 
 class Timer:
@@ -965,11 +967,11 @@ def cli(main, config_class, argv=None):
 # (--compile is not among them: compiled kernels round differently, so the numbers change. --device
 # is, although another device type rounds differently too: moving a run between machines is what
 # resume is for; each resume's device is recorded in config.json.)
-RESUMABLE = ("steps", "evals", "rank_every", "device", "data_dir", "download", "out", "resume")
+RESUMABLE = ("steps", "evals", "evals_every", "rank_every", "device", "data_dir", "download", "out", "resume")
 POSITIVE_INTS = ("width", "depth", "steps", "batch_size", "evals", "rank_every", "lc_directions", "lc_points",
                  "lc_batch", "pgd_steps", "pgd_restarts", "pgd_points", "rank_points", "partition_resolution",
                  "resolution", "p")
-NON_NEGATIVE_INTS = ("seed", "train_size")  # train_size 0: all the training data
+NON_NEGATIVE_INTS = ("seed", "train_size", "evals_every", "train_eval_points")  # train_size 0: all the training data; evals_every 0: none
 POSITIVE_FLOATS = ("lr", "lc_radius", "pgd_alpha", "init_scale")
 NON_NEGATIVE_FLOATS = ("weight_decay",)
 
@@ -1499,7 +1501,7 @@ def plot_runs(groups, path, title):
 
 # ----------------------------------------------------------------------------- compare
 # config fields that say where or how a run ran, not what it measures: never a reason to tell runs apart
-NOT_THE_SETTING = ("out", "resume", "device", "data_dir", "download", "compile", "evals", "rank_every")
+NOT_THE_SETTING = ("out", "resume", "device", "data_dir", "download", "compile", "evals", "evals_every", "rank_every")
 
 
 def run_groups(folders):
@@ -1690,11 +1692,15 @@ def load_mnist(data_dir, dataset="mnist", download=True):
 
 def load_cifar10(data_dir, download=True):
     """(x_train, y_train, x_test, y_test): uint8 NHWC images and int64 labels, checked, from an
-    .npz (x_train, y_train, x_test, y_test) or torchvision's root <data_dir>/cifar-10-batches-py/
+    .npz (x_train, y_train, x_test, y_test), a folder of class folders (train/<class>/*.png|jpg and
+    test/ or val/: load_image_folders) or torchvision's root <data_dir>/cifar-10-batches-py/
     (downloaded there when missing and download is true)."""
     path = Path(data_dir)
     if path.suffix == ".npz":
         arrays, source = load_npz(path), path
+    elif (path / "train").is_dir():
+        x_train, y_train, x_test, y_test = load_image_folders(path, 32)
+        arrays, source = [x_train.permute(0, 2, 3, 1), y_train, x_test.permute(0, 2, 3, 1), y_test], path
     else:
         import torchvision
         source = path / "cifar-10-batches-py"
@@ -1704,11 +1710,92 @@ def load_cifar10(data_dir, download=True):
         except Exception as e:  # missing, no network, or damaged batch files
             die(f"CIFAR-10 not usable in {source}/ (data_batch_1..5, test_batch; {type(e).__name__}: "
                 f"{str(e).splitlines()[0] if str(e) else ''}); put it there, or pass --data-dir <file.npz> with "
-                f"x_train, y_train, x_test, y_test")
+                f"x_train, y_train, x_test, y_test, or a folder with train/<class>/ and test/<class>/ images")
         arrays = [torch.as_tensor(np.asarray(a)) for a in (train.data, train.targets, test.data, test.targets)]
     check_data(source, *arrays, image_shape=(32, 32, 3), n_classes=10)
     x_train, y_train, x_test, y_test = arrays
     return x_train, y_train.long(), x_test, y_test.long()
+
+
+# ----------------------------------------------------------------------------- folders of images (CIFAR-10, Imagenette)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+
+
+def load_image_folders(root, resolution, resize=False):
+    """(x_train, y_train, x_test, y_test): uint8 NCHW RGB images and int64 labels from
+    root/train/<class>/* and root/test/<class>/* (or val/), labels from the sorted class names
+    (CIFAR-10's order for its class folders). resize=False: every image must be resolution px square
+    (CIFAR-10); True: resized and centre-cropped to it (Imagenette). Decoded once, then cached in
+    root/tensors_<res>px_<key>.pt, where key hashes the mode and every file's path, size and
+    modification time (a changed folder gets a new cache); written atomically, a damaged cache is
+    decoded again, a read-only folder every time. A missing split, a class missing from a split, a
+    file that is not an image or of the wrong size ends the program with one line naming it."""
+    root = Path(root)
+    test_split = next((s for s in ("test", "val") if (root / s).is_dir()), None)
+    if not (root / "train").is_dir() or test_split is None:
+        die(f"{root}: needs train/ and test/ (or val/) folders of class folders of images; "
+            f"{'test/ or val/' if (root / 'train').is_dir() else 'train/'} is missing")
+    splits = {}
+    for split in ("train", test_split):
+        entries = sorted(p for p in (root / split).iterdir() if not p.name.startswith("."))
+        stray = next((p for p in entries if not p.is_dir()), None)
+        if stray is not None:
+            die(f"{stray}: a file outside the class folders; images go in {root / split}/<class>/")
+        splits[split] = {c.name: sorted(p for p in c.rglob("*") if p.is_file() and not p.name.startswith("."))
+                         for c in entries}
+    classes = list(splits["train"])
+    for split, folders in splits.items():
+        other = "train" if split != "train" else test_split
+        missing = sorted(set(splits[other]) - set(folders))
+        if missing:
+            die(f"{root / split}: no class folder {', '.join(missing)} (it is in {other}/); both splits need the same classes")
+        empty = next((c for c, files in folders.items() if not files), None)
+        if empty is not None:
+            die(f"{root / split / empty}: a class folder without images")
+    if len(classes) < 2:
+        die(f"{root}: {len(classes)} class folder(s); a classifier needs at least 2")
+    files = [p for folders in splits.values() for fs in folders.values() for p in fs]
+    key = hashlib.sha1((f"resize={resize};" + "".join(
+        f"{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in files)).encode()).hexdigest()[:12]
+    cache = root / f"tensors_{resolution}px_{key}.pt"
+    if cache.exists():
+        try:
+            return torch.load(cache, weights_only=True)
+        except Exception:  # damaged (e.g. a killed write of an older version): decode again
+            print(f"{cache} is damaged; decoding the images again")
+    from PIL import Image
+    if resize:
+        import torchvision.transforms as T
+        to_tensor = T.Compose([T.Resize(resolution), T.CenterCrop(resolution), T.PILToTensor()])
+    tensors = []
+    for split, folders in splits.items():
+        print(f"decoding {sum(map(len, folders.values()))} images of {root / split} (cached afterwards)")
+        images, labels = [], []
+        for label, c in enumerate(classes):
+            for path in folders[c]:
+                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                    die(f"{path}: not an image file (PNG or JPEG expected); remove it or move it out of {root}")
+                try:
+                    with Image.open(path) as img:
+                        rgb = img.convert("RGB")
+                except Exception as e:  # PIL: truncated or not an image
+                    die(f"{path}: not a readable image ({type(e).__name__}: {e}); remove or replace it")
+                if resize:
+                    images.append(to_tensor(rgb))
+                elif rgb.size != (resolution, resolution):
+                    die(f"{path}: {rgb.size[0]}x{rgb.size[1]} px, but every image must be {resolution}x{resolution}")
+                else:
+                    images.append(torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1))
+                labels.append(label)
+        tensors += [torch.stack(images), torch.tensor(labels)]
+    try:
+        tmp = cache.with_suffix(".tmp")
+        torch.save(tensors, tmp)
+        os.replace(tmp, cache)
+    except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError on a read-only folder or a full disk
+        warnings.warn(f"cannot cache the decoded images in {root} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}); "
+                      "they will be decoded again next time")
+    return tensors
 
 
 def take_train_subset(cfg, n_available, generator=None):

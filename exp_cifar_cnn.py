@@ -47,9 +47,10 @@ MEAN, STD, _ = common.NORMALISATIONS[NORMALISATION]
 
 @dataclasses.dataclass
 class Config:
-    data_dir: str = "data"  # torchvision root holding cifar-10-batches-py/, or an .npz file
+    data_dir: str = "data"  # torchvision root (cifar-10-batches-py/), a folder with train/<class>/ and test/<class>/ images, or an .npz
     download: bool = True  # download through torchvision when the files are missing
     train_size: int = 0  # training images, a seeded random subset (0: all of them, 50k for CIFAR-10)
+    train_eval_points: int = 0  # training images whose accuracy and loss are logged (0: all; else the first N of the shuffled set)
     width: int = 32  # channels of every conv layer
     steps: int = 260_000  # optimisation steps
     batch_size: int = 128  # training batch
@@ -57,6 +58,7 @@ class Config:
     weight_decay: float = 0.0  # Adam (L2) weight decay: none in the paper
     compile: bool = False  # torch.compile the training step's model (CUDA graphs on a GPU)
     evals: int = 40  # number of log-spaced evaluation steps
+    evals_every: int = 10_000  # also evaluate at every multiple of this (0: none): the late rise is seen
     lc_radius: float = 0.005  # radius r of the cross-polytope, in normalised units (the paper's)
     lc_directions: int = 20  # P: the cross-polytope has 2P vertices
     lc_points: int = 1024  # points for LC (train, test and random each)
@@ -119,13 +121,14 @@ def main(cfg):
     # the radii are in normalised units (measure scales eps, alpha and the LC directions by std)
     directions = common.random_directions(cfg.lc_directions, 3 * 32 * 32, data_gen)  # drawn before the random points
     probes = common.Probes(
-        train=(x_train, y_train), test=(x_test, y_test), loss_fn=F.cross_entropy,
+        train=(x_train[:cfg.train_eval_points or None], y_train[:cfg.train_eval_points or None]), test=(x_test, y_test),
+        loss_fn=F.cross_entropy,
         lc_points={"train": x_train[:cfg.lc_points], "test": x_test[:cfg.lc_points],
                    "random": torch.rand(cfg.lc_points, 3, 32, 32, generator=data_gen).to(device)},
         directions=directions,
         rank_x=x_test[:cfg.rank_points], pgd_x=x_test[:cfg.pgd_points], pgd_y=y_test[:cfg.pgd_points],
         anchors=common.anchor_points(x_train, y_train), seed=cfg.seed, units=NORMALISATION)
-    eval_steps = common.log_steps(cfg.steps, cfg.evals)
+    eval_steps = common.log_steps(cfg.steps, cfg.evals, every=cfg.evals_every)
     print(f"{run}: {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} train images, "
           f"device {device}")
 

@@ -118,58 +118,12 @@ def image_folders(cfg):
     return found
 
 
-def load_imagenette(cfg):
-    """(x_train, y_train, x_val, y_val): uint8 NCHW images at cfg.resolution and int64 labels.
-
-    Decoded once, then cached in <folder>/tensors_<res>px_<key>.pt, where key hashes every image's
-    path, size and modification time: a changed folder gets a new cache. The cache is written
-    atomically; a damaged one is decoded again; a read-only folder is decoded every time."""
-    found = image_folders(cfg)
-    files = sorted(p for split in ("train", "val") for p in (found / split).rglob("*") if p.is_file())
-    key = hashlib.sha1("".join(f"{p.relative_to(found)}:{p.stat().st_size}:{p.stat().st_mtime_ns};"
-                               for p in files).encode()).hexdigest()[:12]
-    cache = found / f"tensors_{cfg.resolution}px_{key}.pt"
-    if cache.exists():
-        try:
-            return torch.load(cache, weights_only=True)
-        except Exception:  # damaged (e.g. a killed write of an older version): decode again
-            print(f"{cache} is damaged; decoding the images again")
-    to_tensor = T.Compose([T.Resize(cfg.resolution), T.CenterCrop(cfg.resolution), T.PILToTensor()])
-    tensors, classes = [], None
-    for split in ("train", "val"):
-        try:
-            ds = torchvision.datasets.ImageFolder(found / split)
-        except (FileNotFoundError, RuntimeError) as e:  # e.g. class folders without images
-            common.die(f"{found / split}: {str(e).splitlines()[0]}")
-        if classes is not None and ds.classes != classes:
-            common.die(f"train/ and val/ in {found} have different class folders")
-        classes = ds.classes
-        print(f"decoding {len(ds)} images of {ds.root} at {cfg.resolution} px (cached afterwards)")
-        images = []
-        for path, _ in ds.samples:
-            try:
-                images.append(to_tensor(ds.loader(path).convert("RGB")))
-            except Exception as e:  # PIL: truncated or not an image
-                common.die(f"{path}: not a readable image ({type(e).__name__}: {e}); remove or replace it")
-        tensors += [torch.stack(images), torch.tensor(ds.targets)]
-    if len(classes) < 2:
-        common.die(f"{found}: {len(classes)} class folder(s); a classifier needs at least 2")
-    try:
-        tmp = cache.with_suffix(".tmp")
-        torch.save(tensors, tmp)
-        os.replace(tmp, cache)
-    except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError on a read-only folder or a full disk
-        warnings.warn(f"cannot cache the decoded images in {found} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}); "
-                      "they will be decoded again next time")
-    return tensors
-
-
 def load_data(cfg):
     """(x_train, y_train, x_test, y_test): uint8 NCHW images and int64 labels, checked."""
     if cfg.dataset == "cifar10":
         x_train, y_train, x_test, y_test = common.load_cifar10(cfg.data_dir, cfg.download)
         return x_train.permute(0, 3, 1, 2).contiguous(), y_train, x_test.permute(0, 3, 1, 2).contiguous(), y_test
-    x_train, y_train, x_test, y_test = load_imagenette(cfg)
+    x_train, y_train, x_test, y_test = common.load_image_folders(image_folders(cfg), cfg.resolution, resize=True)
     n_classes = int(y_train.max()) + 1
     common.check_data(Path(cfg.data_dir), x_train, y_train, x_test, y_test, (3, cfg.resolution, cfg.resolution),
                       n_classes)
