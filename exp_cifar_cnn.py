@@ -25,7 +25,9 @@ the zero-gradient fraction.
         --evals 12 --lc-points 64 --lc-directions 10 --pgd-points 128 --rank-points 128 --partition-resolution 40
 
 Data: --data-dir is torchvision's root (<data-dir>/cifar-10-batches-py/, downloaded there unless
---no-download) or an .npz file with x_train, y_train, x_test, y_test (uint8, N x 32 x 32 x 3).
+--no-download), a folder of class folders (train/<class>/*.png or .jpg and test/<class>/ or val/;
+labels from the sorted class names, CIFAR-10's order; decoded once and cached beside them), or an
+.npz file with x_train, y_train, x_test, y_test (uint8, N x 32 x 32 x 3).
 Hardware and time: the full 2.6e5 steps need a GPU (not timed yet: no GPU was available; the
 GPU suite, benchmarks/paper_suite.py, times it); a CPU runs 10-20 steps/s.
 The plot should show train accuracy at 100% by a few thousand steps, and PGD accuracy rising

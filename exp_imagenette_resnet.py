@@ -32,23 +32,19 @@ papers' attack (pgd_ce32_*) clamps, as theirs does, to one global range of the n
 Data: Imagenette: --data-dir is a folder with train/ and val/ folders of class folders of images
 (Imagenette's own imagenette2-160/ inside it is found too); downloaded through torchvision unless
 --no-download. The decoded tensors are cached beside the images, keyed to the folder's contents.
-CIFAR-10: torchvision's root or an .npz (x_train, y_train, x_test, y_test), as exp_cifar_cnn.py.
+CIFAR-10: torchvision's root, a folder of class folders (train/, test/) or an .npz, as exp_cifar_cnn.py.
 Hardware and time: a GPU (not timed yet: no GPU was available; benchmarks/paper_suite.py projects
 the full run from a measured slice); a CPU is far too slow beyond --quick and short stand-ins.
 The plot should show train accuracy reaching 100%, then PGD accuracy rising much later while the
 train LC falls.
 """
 import dataclasses
-import hashlib
-import os
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-import torchvision.transforms as T
 
 import common
 

@@ -140,17 +140,17 @@ def test_imagenette_cache_follows_the_folder_survives_damage_and_read_only(tmp_p
     root = tmp_path / "images"
     shutil.copytree(image_folder, root, ignore=shutil.ignore_patterns("*.pt"))
     cfg = exp_imagenette_resnet.Config(data_dir=str(root), download=False, resolution=16)
-    _, y_train, _, _ = exp_imagenette_resnet.load_imagenette(cfg)
+    _, y_train, _, _ = exp_imagenette_resnet.load_data(cfg)
     first = list(root.glob("tensors_16px_*.pt"))
     assert len(first) == 1 and int(y_train.max()) == 2
     for split in ("train", "val"):  # a new class folder: a new cache, four classes
         (root / split / "n03000684").mkdir()
         Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / split / "n03000684" / "a.JPEG")
-    _, y_train, _, _ = exp_imagenette_resnet.load_imagenette(cfg)
+    _, y_train, _, _ = exp_imagenette_resnet.load_data(cfg)
     assert int(y_train.max()) == 3 and len(list(root.glob("tensors_16px_*.pt"))) == 2
     newest = max(root.glob("tensors_16px_*.pt"), key=lambda p: p.stat().st_mtime_ns)
     newest.write_bytes(newest.read_bytes()[:100])  # a damaged cache is decoded again
-    assert int(exp_imagenette_resnet.load_imagenette(cfg)[1].max()) == 3
+    assert int(exp_imagenette_resnet.load_data(cfg)[1].max()) == 3
 
     def read_only(*args, **kwargs):
         raise PermissionError(30, "Read-only file system")
@@ -158,7 +158,7 @@ def test_imagenette_cache_follows_the_folder_survives_damage_and_read_only(tmp_p
     newest.unlink()
     monkeypatch.setattr(torch, "save", read_only)
     with pytest.warns(UserWarning, match="cannot cache the decoded images"):
-        assert int(exp_imagenette_resnet.load_imagenette(cfg)[1].max()) == 3
+        assert int(exp_imagenette_resnet.load_data(cfg)[1].max()) == 3
 
 
 # ------------------------------------------------------------------------ resume, stopped and busy folders

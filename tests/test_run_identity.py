@@ -125,14 +125,14 @@ def test_a_real_torch_save_failure_on_the_image_cache_is_survived(tmp_path, imag
     cfg = common.parse_config(exp_imagenette_resnet.Config, ["--quick", "--data-dir", str(folder), "--no-download"])
     key_files = sorted(p for split in ("train", "val") for p in (folder / split).rglob("*") if p.is_file())
     assert key_files
-    exp_imagenette_resnet.load_imagenette(cfg)  # writes the cache: learn its name, then block it
+    exp_imagenette_resnet.load_data(cfg)  # writes the cache: learn its name, then block it
     cache = next(folder.glob("tensors_*.pt"))
     cache.unlink()
     cache.with_suffix(".tmp").mkdir()  # the real torch.save cannot open its temporary file
     with pytest.raises(RuntimeError):
         torch.save([torch.zeros(1)], cache.with_suffix(".tmp"))
     with pytest.warns(UserWarning, match="cannot cache the decoded images"):
-        x_train = exp_imagenette_resnet.load_imagenette(cfg)[0]
+        x_train = exp_imagenette_resnet.load_data(cfg)[0]
     assert len(x_train) > 0 and not cache.exists()
 
 
