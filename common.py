@@ -177,12 +177,12 @@ def local_complexity(model, x, radius, directions, batch_size=64, zero_is_a_sign
     each layer is reduced to counts as soon as it is computed, so memory is bounded by the chunk.
     radius is in the units of x (the directions are unit vectors in that space). Choose it well
     below the distance between data points and well above the arithmetic's rounding: exact LC is
-    proportional to r for small r (check with lc_precision_audit: LC at r/10 should be ~10x
+    proportional to r for small r (check with benchmarks/precision.py: LC at r/10 should be ~10x
     smaller), and the papers use r=0.005 (normalised CIFAR units), 1e-4 (Imagenette), ~0.05 (MNIST
     pixels). directions may be an int P: P orthonormal directions drawn from a generator seeded 0.
 
     Runs in float32 (or the model's dtype) with TF32 off (tf32=True leaves it on, as the authors'
-    code does on a GPU: see lc_precision_audit), in eval mode, without gradients; the model, its
+    code does on a GPU: see benchmarks/precision.py), in eval mode, without gradients; the model, its
     buffers and the global RNG are unchanged. Refuses (ValueError) non-floating or non-finite
     inputs and a radius that is not finite and > 0."""
     _check_points(x, "local_complexity")
@@ -241,57 +241,6 @@ def tf32_flags(allowed):
 def exact_float32():
     """TF32 rounds to ~1e-3 relative: far coarser than an LC radius of 5e-3 or 1e-4. Turn it off."""
     return tf32_flags(False)
-
-
-def round_to_tf32(t):
-    """float32 rounded to TF32's 10-bit mantissa (to nearest, ties away from zero), as tensor cores
-    round the operands of a TF32 matmul or convolution."""
-    bits = t.float().contiguous().view(torch.int32)
-    return ((bits + 0x1000) & -0x2000).view(torch.float32)
-
-
-@contextlib.contextmanager
-def emulated_tf32(model):
-    """A CPU emulation of TF32 (an emulation, not a GPU measurement): the inputs and weights of
-    every nn.Conv2d and nn.Linear are rounded to TF32 for the duration; products still accumulate
-    in float32. The weights are restored afterwards."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    saved = [m.weight.data for m in layers]
-    handles = [m.register_forward_pre_hook(lambda m, inputs: (round_to_tf32(inputs[0]), *inputs[1:]))
-               for m in layers]
-    try:
-        for m, w in zip(layers, saved):
-            m.weight.data = round_to_tf32(w)
-        yield
-    finally:
-        for m, w in zip(layers, saved):
-            m.weight.data = w
-        for h in handles:
-            h.remove()
-
-
-def lc_precision_audit(model, x, radius, directions, batch_size=64):
-    """Is an LC reading made of the geometry or of rounding? On the same weights, points and
-    directions: exact LC (float32, TF32 off) at radius and radius/10, and LC with TF32 on at both
-    (on a CUDA model the real flags; elsewhere emulated_tf32, labelled as an emulation). Exact LC
-    is proportional to the radius when the radius is small, so it falls ~10x at radius/10; a
-    rounding floor does not fall. Returns a dict with the four means, the two ratios, how TF32 was
-    obtained, and exact_is_linear / tf32_is_linear: the reading fell at least 5x (else the radius is
-    too large for the test, or rounding, not geometry, makes the reading)."""
-    cuda = next(model.parameters()).device.type == "cuda"
-
-    def lc(r, tf32):
-        with contextlib.nullcontext() if cuda or not tf32 else emulated_tf32(model):
-            return lc_summary(local_complexity(model, x, r, directions, batch_size, tf32=tf32 and cuda))[0]
-
-    out = {"radius": radius, "exact": lc(radius, False), "exact_r/10": lc(radius / 10, False),
-           "tf32": lc(radius, True), "tf32_r/10": lc(radius / 10, True),
-           "tf32_kind": "CUDA TF32 flags on" if cuda else "emulated on the CPU (operands rounded to TF32)"}
-    out["exact_ratio"] = out["exact"] / max(out["exact_r/10"], 1e-12)
-    out["tf32_ratio"] = out["tf32"] / max(out["tf32_r/10"], 1e-12)
-    out["exact_is_linear"] = out["exact_r/10"] * 5 <= out["exact"]
-    out["tf32_is_linear"] = out["tf32_r/10"] * 5 <= out["tf32"]
-    return out
 
 
 def boundary_points(model, x, steps=20, batch_size=1024):
@@ -592,21 +541,16 @@ def evaluate(model, x, y, loss_fn, batch_size=2048):
 @dataclasses.dataclass(frozen=True)
 class Probes:
     """What every evaluation of a run measures, fixed for the whole run (measure, evaluate_and_log).
-    Points are model inputs ([0, 1] pixels for images). A missing or misspelt field is a TypeError."""
+    Points are model inputs in [0, 1] (pixels; one-hot entries). PGD attacks, and rank is taken on,
+    the first cfg.pgd_points and cfg.rank_points test points. A missing or misspelt field is a TypeError."""
     train: tuple  # (x, y): train accuracy and loss
-    test: tuple  # (x, y): test accuracy and loss; LC's boundary points lie between its first points
+    test: tuple  # (x, y): test accuracy and loss; PGD and rank on its first points; LC's boundary points between them
     loss_fn: object  # loss_fn(logits, y): the training loss
     lc_points: dict  # {name: points} where LC is taken: train, test, random (boundary is added)
     directions: torch.Tensor  # (P, D) orthonormal LC directions, in the radii's units (random_directions)
-    rank_x: torch.Tensor  # points whose features give each layer's rank
-    pgd_x: torch.Tensor  # points PGD attacks
-    pgd_y: torch.Tensor  # their labels
     anchors: torch.Tensor  # three inputs that span the partition pictures' plane (anchor_points)
-    seed: int  # seeds PGD's random starts, with the step
     units: str = "none"  # the radii's units: none = the inputs'; a NORMALISATIONS name = the normalised input's
-    lo: float = 0.0  # the input box PGD clamps to
-    hi: float = 1.0
-    papers_clamp: str = "box"  # the papers' attack clamps to box = [lo, hi] or normalised = theirs (papers_box)
+    papers_clamp: str = "box"  # the papers' attack clamps to box = [0, 1] or normalised = theirs (papers_box)
 
     def __post_init__(self):
         if self.units != "none" and self.units not in NORMALISATIONS:
@@ -618,18 +562,20 @@ class Probes:
 def measure(model, cfg, probes, timer, step, full=True):
     """Every measure of the papers at one step but the losses, as a dict; probes (a Probes) holds
     what stays fixed for the run. cfg names the settings, its radii in probes.units: lc_radius,
-    lc_batch, pgd_eps, pgd_alpha, pgd_steps, pgd_restarts, ce32_random_start. Both attacks run at
-    every eps (pgd_acc_<eps>: the default, masking-free attack; pgd_ce32_acc_<eps>: the papers',
-    from x as their code does, or with cfg.ce32_random_start from the default attack's random
-    starts), with the logit margins' quantiles (margin_p10/p50/p90) and zero_grad_frac on the same
-    points (see pgd_attack). LC (mean and 99% CI) is also taken at points on the decision boundary
-    between test points. PGD's random starts come from a generator seeded by (seed, step), so a
-    step's numbers do not depend on which steps were evaluated before it (a resumed or extended
-    run gives the same records). full=False measures only rank and norm."""
-    x, y, normalised = probes.pgd_x, probes.pgd_y, probes.units != "none"
+    lc_batch, pgd_eps, pgd_alpha, pgd_steps, pgd_restarts, pgd_points, rank_points,
+    ce32_random_start, seed. Both attacks run at every eps (pgd_acc_<eps>: the default,
+    masking-free attack; pgd_ce32_acc_<eps>: the papers', from x as their code does, or with
+    cfg.ce32_random_start from the default attack's random starts), with the logit margins'
+    quantiles (margin_p10/p50/p90) and zero_grad_frac on the same points (see pgd_attack). LC (mean
+    and 99% CI) is also taken at points on the decision boundary between test points. PGD's random
+    starts come from a generator seeded by (seed, step), so a step's numbers do not depend on which
+    steps were evaluated before it (a resumed or extended run gives the same records). full=False
+    measures only rank and norm."""
+    x, y = (t[:cfg.pgd_points] for t in probes.test)
+    normalised = probes.units != "none"
     rec = {}
     with timer("rank"):  # first: cheap, and in every evaluation (full=False: only rank and norm)
-        for i, (rank, erank) in enumerate(layer_ranks(model, probes.rank_x)):
+        for i, (rank, erank) in enumerate(layer_ranks(model, probes.test[0][:cfg.rank_points])):
             rec[f"rank_{i + 1}"], rec[f"erank_{i + 1}"] = rank, round(erank, 2)
     rec["weight_norm"] = weight_norm(model)
     if not full:
@@ -644,15 +590,14 @@ def measure(model, cfg, probes, timer, step, full=True):
             counts = local_complexity(model, pts, cfg.lc_radius, directions, cfg.lc_batch)
             rec[f"lc_{name}"], rec[f"lc_{name}_ci"] = lc_summary(counts)
     scale = channel_std(probes.units).to(x.device) if normalised else 1.0  # eps and alpha in the input's units
-    ce32_lo, ce32_hi = ((probes.lo, probes.hi) if probes.papers_clamp == "box" else
+    ce32_lo, ce32_hi = ((0.0, 1.0) if probes.papers_clamp == "box" else
                         tuple(t.to(x.device) for t in papers_box(probes.units)))
-    generator = torch.Generator(x.device).manual_seed(probes.seed * 1_000_003 + step)
+    generator = torch.Generator(x.device).manual_seed(cfg.seed * 1_000_003 + step)
     for eps in cfg.pgd_eps:
         start = generator.get_state()  # both attacks from the same random starts
         with timer("pgd"):
             rec[f"pgd_acc_{eps:.3g}"] = pgd_accuracy(model, x, y, eps * scale, cfg.pgd_alpha * scale, cfg.pgd_steps,
-                                                   restarts=cfg.pgd_restarts, lo=probes.lo, hi=probes.hi,
-                                                   generator=generator)
+                                                   restarts=cfg.pgd_restarts, generator=generator)
         with timer("pgd_ce32"):
             ce32_gen = torch.Generator(x.device).set_state(start)
             rec[f"pgd_ce32_acc_{eps:.3g}"] = pgd_accuracy(model, x, y, eps * scale, cfg.pgd_alpha * scale,
@@ -831,16 +776,20 @@ def compiled(model, enabled, device):
 
 
 # ----------------------------------------------------------------------------- evaluation step, schedule, timing
-def evaluate_and_log(model, cfg, step, probes, run, timer, checkpoint, full=True, batch_loss_max=None):
+def evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer, full=True, batch_loss_max=None):
     """One evaluation step of a script: train and test accuracy and loss, measure(), the partition
     picture at init, at the first evaluation with train accuracy >= 99% ("fit") and at the end,
-    one logged record, a progress line, a checkpoint (checkpoint() saves it). It closes the
+    one logged record, a progress line, a checkpoint (model, optimizer, the named generators). A
+    step already logged (a resumed run's checkpoint step) is not measured again. It closes the
     training segment before (one device sync) and opens the next after. Stops the run with a
     clear message when the training loss is not finite; what was logged stays, and the plot is
     written. full=False: see measure (no LC, PGD or partition picture). batch_loss_max: a 0-d
     tensor, the largest training-batch loss since the last evaluation (kept on the device without a
     sync), logged as batch_loss_max and reset: it shows the loss spikes that evaluations at
     far-apart log-spaced steps miss."""
+    logged = read_metrics(run)
+    if logged and logged[-1]["step"] >= step:
+        return
     timer.stop_training()
     rec = {"step": step}
     if batch_loss_max is not None and step > 0:
@@ -869,7 +818,7 @@ def evaluate_and_log(model, cfg, step, probes, run, timer, checkpoint, full=True
                      or k.startswith(("pgd_acc", "pgd_ce32")))
     print(f"step {step:>7}/{cfg.steps} ({100 * step / max(cfg.steps, 1):5.1f}%) | {shown}", flush=True)
     with timer("checkpoint"):
-        checkpoint()
+        save_checkpoint(run, model, optimizer, step, generators)
     timer.start_training()
 
 
@@ -961,21 +910,12 @@ def cli(main, config_class, argv=None):
         raise
 
 
-# Fields that may change when a run is resumed: the schedule (a longer run, other evaluation steps:
-# every record depends only on its step, see measure), where the data and the run live, and how
-# the step is executed. Every other field defines the experiment.
-# (--compile is not among them: compiled kernels round differently, so the numbers change. --device
-# is, although another device type rounds differently too: moving a run between machines is what
-# resume is for; each resume's device is recorded in config.json.)
-RESUMABLE = ("steps", "evals", "evals_every", "rank_every", "device", "data_dir", "download", "out", "resume")
-POSITIVE_INTS = ("width", "depth", "steps", "batch_size", "evals", "rank_every", "lc_directions", "lc_points",
-                 "lc_batch", "pgd_steps", "pgd_restarts", "pgd_points", "rank_points", "partition_resolution",
-                 "resolution", "p")
-NON_NEGATIVE_INTS = ("seed", "train_size", "evals_every", "train_eval_points")  # train_size 0: all the training data; evals_every 0: none
-POSITIVE_FLOATS = ("lr", "lc_radius", "pgd_alpha", "init_scale")
-NON_NEGATIVE_FLOATS = ("weight_decay",)
-
-
+# The fields that do not define the experiment: the schedule (every record depends only on its step,
+# see measure), where the data and the run live, the device. They may change on --resume, and
+# compare (tools/runs.py) groups runs across them. (--compile is not among them: compiled kernels
+# round differently. --device is: moving a run between machines is what resume is for; each
+# resume's device is recorded in config.json.)
+NOT_THE_EXPERIMENT = ("steps", "evals", "evals_every", "rank_every", "device", "data_dir", "download", "out", "resume")
 def number(text):
     """A float from the command line; a fraction such as 8/255 is welcome."""
     try:
@@ -1024,7 +964,7 @@ def parse_config(cls, argv=None):
     help; numbers may be fractions (--pgd-eps 8/255). The class's PRESETS, {(field, value):
     {field: default}}, fill the fields not given when a field has that value (--quick's sizes,
     a data set's own defaults). --resume takes the run's stored config.json, so `--out RUN --resume`
-    continues it; a flag given with it may change only a RESUMABLE field, and a flag that would
+    continues it; a flag given with it may change only a NOT_THE_EXPERIMENT field, and a flag that would
     change the experiment is refused, naming the fields."""
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(_parser(cls).parse_args(argv)).items()}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(_parser(cls, False).parse_args(argv)).items()}
@@ -1047,16 +987,16 @@ def parse_config(cls, argv=None):
             die(f"--resume: {values['out']} holds a run of {made_by}, not of {this}; resume it with {made_by}")
         fields = {f.name for f in dataclasses.fields(cls)}
         stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields}
-        newer = sorted(fields - set(stored) - set(RESUMABLE))
+        newer = sorted(fields - set(stored) - set(NOT_THE_EXPERIMENT))
         if newer:
             die(f"--resume: {values['out']} was made by an older version of this script, without "
                 + ", ".join(f"--{k.replace('_', '-')}" for k in newer) + "; today's defaults could change the "
                 "experiment, so start a new --out (or add the value it ran with to config.json)")
-        changed = [k for k, v in given.items() if k not in RESUMABLE and k in stored and stored[k] != v]
+        changed = [k for k, v in given.items() if k not in NOT_THE_EXPERIMENT and k in stored and stored[k] != v]
         if changed:
             die(f"--resume: {values['out']} holds a run with " + ", ".join(f"--{k.replace('_', '-')} {stored[k]}" for k in
                 changed) + " (given: " + ", ".join(f"{given[k]}" for k in changed) + "); these define the experiment "
-                f"and cannot change on resume (only {', '.join(RESUMABLE)} can): drop them, or start a new --out")
+                f"and cannot change on resume (only {', '.join(NOT_THE_EXPERIMENT)} can): drop them, or start a new --out")
         values = {**values, **stored, **given}
     else:  # presets (a data set's own defaults, then --quick) fill the fields not given
         for (field, value), preset in getattr(cls, "PRESETS", {}).items():
@@ -1066,35 +1006,26 @@ def parse_config(cls, argv=None):
 
 
 def check_config(cfg, input_dim=None):
-    """Every numeric field against the rule its name implies (counts positive, rates and radii
-    finite and positive, weight decay and eps finite and >= 0, ...), and lc_directions against the
-    input dimension. The first violation ends the program with one line (exit code 2), before
-    anything is written."""
+    """Every field by its type, before anything is written: whole numbers >= 1, floats finite and
+    above 0, tuples of finite numbers >= 0; a field named in the Config's ZERO_OK may also be 0.
+    Then what the measurements need: seed below 2^32, rank_points >= 2, lc_directions at most the
+    input dimension. A script checks its own special fields (a fraction, a multiple of 8) itself.
+    The first violation ends the program with one line (exit code 2)."""
+    zero_ok = getattr(cfg, "ZERO_OK", ())
     for f in dataclasses.fields(cfg):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        if isinstance(value, (bool, str)):
-            continue
-        if f.name in POSITIVE_INTS and not value >= 1:
-            die(f"{flag} {value}: must be a positive whole number")
-        elif f.name in NON_NEGATIVE_INTS and not value >= 0:
-            die(f"{flag} {value}: must be 0 or more" + (" (0: all the training data)" if f.name == "train_size" else ""))
-        elif f.name == "seed" and value >= 2**32:
-            die(f"{flag} {value}: must be below 2^32 (the measurements' generators are seeded from it)")
-        elif f.name == "train_size" and 0 < value < 3:
-            die(f"{flag} {value}: at least 3 training examples (the partition pictures need three), or 0 for all")
-        elif f.name == "rank_points" and value < 2:
-            die(f"{flag} {value}: at least 2 points (a covariance needs two)")
-        elif f.name in POSITIVE_FLOATS and not (math.isfinite(value) and value > 0):
-            die(f"{flag} {value}: must be a finite number above 0")
-        elif f.name in NON_NEGATIVE_FLOATS and not (math.isfinite(value) and value >= 0):
-            die(f"{flag} {value}: must be a finite number, 0 or more")
-        elif f.name == "pgd_eps" and not (value and all(math.isfinite(e) and e >= 0 for e in value)):
-            die(f"{flag} {' '.join(map(str, value))}: every radius must be a finite number, 0 or more")
-        elif f.name == "train_frac" and not 0 < value < 1:
-            die(f"{flag} {value}: must be between 0 and 1 (the fraction of pairs used for training)")
-        elif f.name not in POSITIVE_INTS + NON_NEGATIVE_INTS + POSITIVE_FLOATS + NON_NEGATIVE_FLOATS + (
-                "pgd_eps", "train_frac"):
-            raise AssertionError(f"check_config has no rule for the field {f.name}")
+        least = ", 0 or more" if f.name in zero_ok else " above 0"
+        if isinstance(value, int) and not isinstance(value, bool) and not value >= (0 if f.name in zero_ok else 1):
+            die(f"{flag} {value}: must be " + ("0 or more" if f.name in zero_ok else "a positive whole number")
+                + (" (0: all the training data)" if f.name == "train_size" else ""))
+        if isinstance(value, float) and not (math.isfinite(value) and (value > 0 or f.name in zero_ok and value == 0)):
+            die(f"{flag} {value}: must be a finite number{least}")
+        if isinstance(value, tuple) and not (value and all(math.isfinite(v) and v >= 0 for v in value)):
+            die(f"{flag} {' '.join(map(str, value))}: every value must be a finite number, 0 or more")
+    if cfg.seed >= 2**32:
+        die(f"--seed {cfg.seed}: must be below 2^32 (the measurements' generators are seeded from it)")
+    if cfg.rank_points < 2:
+        die(f"--rank-points {cfg.rank_points}: at least 2 points (a covariance needs two)")
     if input_dim is not None and cfg.lc_directions > input_dim:
         die(f"--lc-directions {cfg.lc_directions}: at most the input dimension, {input_dim} (orthonormal directions)")
     return cfg
@@ -1182,14 +1113,14 @@ def start_run(out, config, device, notes=None):
         saved = state.get("config")
         if saved is not None:
             edited = [k for k, v in json.loads(json.dumps(saved)).items()
-                      if k not in RESUMABLE and stored["config"].get(k) != v]
+                      if k not in NOT_THE_EXPERIMENT and stored["config"].get(k) != v]
             if edited:
                 die(f"--resume: {run}/config.json no longer matches its checkpoint ({', '.join(edited)} differ); "
                     f"restore config.json or start a new --out")
         changed = {k: v for k, v in json.loads(json.dumps(info["config"])).items() if stored["config"].get(k) != v}
         stored.setdefault("resumed", []).append({k: info[k] for k in ("command", "git_commit", "device", "started")}
                                                 | {"changed": changed})
-        stored["config"].update({k: v for k, v in changed.items() if k in RESUMABLE and k != "resume"})
+        stored["config"].update({k: v for k, v in changed.items() if k in NOT_THE_EXPERIMENT and k != "resume"})
         info = stored  # the original record, with the schedule now in force (a later --resume continues it)
     else:
         if config.resume:
@@ -1302,7 +1233,9 @@ def read_checkpoint(run, steps):
 
 def restore(run, state, model, optimizer, generators):
     """Loads a checkpoint read by start_run into the model, optimiser and RNGs, drops the records
-    logged after it (they will be redone) and returns its step."""
+    logged after it (they will be redone) and returns its step; 0 for a new run (state None)."""
+    if state is None:
+        return 0
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -1403,14 +1336,76 @@ def _label(key):
 
 
 def plot_run(run, path=None):
-    """Every logged metric against training step on a log axis (step 0 drawn at 1/2 of the first
-    logged step), one panel per group, into run/metrics.png. Works on any run folder, also while
-    the run goes on: `python common.py runs/x`. Returns the panel titles."""
+    """Every logged metric against training step on a log axis, one panel per group, into
+    run/metrics.png (LC with its 99% CI band). Works on any run folder, also while the run goes on
+    (`python tools/runs.py redraw RUN`). Returns the panel titles."""
     records = read_metrics(run)
     if not records:
         die(f"no metrics in {run}/metrics.jsonl to plot")
-    return plot_runs({Path(run).name: [records]}, Path(path or Path(run) / "metrics.png"),
-                     f"{Path(run).name}: {radius_units(run)}")
+    fig, panels, zero_at = panel_figure([records], f"{Path(run).name}: {radius_units(run)}")
+    for ax, (panel, ks, ylabel) in panels:
+        for k in ks:
+            xs, ys = curve(records, k, zero_at)
+            if not len(xs):
+                continue
+            line, = ax.plot(xs, ys, marker=".", ms=3, lw=1.2, label=_label(k), **_style(k, ks))
+            cx, cy = curve(records, k + "_ci", zero_at)
+            if len(cx):
+                mid = dict(zip(xs, ys))
+                centre = np.array([mid[x] for x in cx])
+                ax.fill_between(cx, centre - cy, centre + cy, alpha=0.2, color=line.get_color())
+        finish_panel(ax, panel, ylabel, len(ks))
+    save_figure(fig, path or Path(run) / "metrics.png")
+    return [panel for _, (panel, _, _) in panels]
+
+
+def curve(records, key, zero_at):
+    """(steps, values) of key where it is a finite number; step 0 drawn at zero_at (log axis)."""
+    pairs = [(r["step"] or zero_at, r[key]) for r in records if isinstance(r.get(key), (int, float))
+             and not isinstance(r.get(key), bool) and math.isfinite(r[key])]
+    return np.array([p[0] for p in pairs], dtype=float), np.array([p[1] for p in pairs], dtype=float)
+
+
+def panel_figure(runs, title):
+    """A figure with one panel for each group of PANELS that the runs' records fill; returns (figure,
+    [(axis, (panel title, keys, y label))], the x at which step 0 is drawn: half the first step).
+    A matplotlib Figure, not pyplot: a notebook's backend and figures are left alone."""
+    from matplotlib.figure import Figure
+    everything = [r for records in runs for r in records]
+    keys = list(dict.fromkeys(k for r in everything for k in r if k != "step" and isinstance(r[k], (int, float))))
+    panels = [p for p in ((t, [k for k in keys if pick(k)], y) for t, pick, y in PANELS) if p[1]]
+    cols, rows = 3, math.ceil(len(panels) / 3)
+    fig = Figure(figsize=(5.2 * cols, 3.8 * rows))  # inches: room for titles, footnote and axis labels
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=11)
+    positive = [r["step"] for r in everything if r["step"] > 0]
+    return fig, list(zip(axes.flat, panels)), min(positive) / 2 if positive else 1
+
+
+def finish_panel(ax, panel, ylabel, n_lines):
+    ax.set_xscale("log")
+    if panel == "loss" and any(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
+        ax.set_yscale("log")
+    if panel == "logit margin":
+        ax.set_yscale("symlog", linthresh=1)
+        ax.axhline(90, color="grey", ls=":", lw=1)  # about where float32 cross-entropy gradients vanish
+    ax.set_title(panel, fontsize=10)
+    ax.set_xlabel("optimisation step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8 if n_lines <= 8 else 7, ncol=1 if n_lines <= 5 else 2 if n_lines <= 16 else 3)
+
+
+def save_figure(fig, path, footer="step 0 is drawn at half the first logged step (log axis); LC bands: 99% "
+                "confidence interval of the mean over points; PGD: solid the default attack, dashed the papers' "
+                "ce32 (README: reading the outputs)"):
+    height = fig.get_figheight()
+    fig.text(0.5, 0.003, footer, ha="center", va="bottom", fontsize=8, color="0.3")
+    # a fixed layout: tight_layout measured every tick label twice and took half the plotting time
+    fig.subplots_adjust(left=0.055, right=0.99, bottom=0.65 / height, top=1 - 0.75 / height, wspace=0.25, hspace=0.34)
+    fig.savefig(path, dpi=100)
 
 
 def radius_units(run):
@@ -1425,149 +1420,6 @@ def radius_units(run):
     if name is None and "pixel_units" in info:  # runs made before config.json named its normalisation
         return "r and ε in normalised units (config.json: pixel_units)"
     return "r and ε in input units ([0, 1] pixels; one-hot entries for modular arithmetic)"
-
-
-def plot_runs(groups, path, title):
-    """groups: {label: [records of each run]}. One run: a line per metric (99% CI band for LC).
-    Several runs in a group (seeds of one setting): the mean over the runs that logged each step,
-    with a band from their minimum to their maximum. Several groups (a sweep): one colour per
-    group, one line style per metric. Drawn on a matplotlib Figure: no pyplot state, so a
-    notebook's backend and figures are left alone."""
-    from matplotlib.figure import Figure
-
-    everything = [r for runs in groups.values() for records in runs for r in records]
-    keys = list(dict.fromkeys(k for r in everything for k in r if k != "step" and isinstance(r[k], (int, float))))
-    panels = [(t, [k for k in keys if pick(k)], y) for t, pick, y in PANELS]
-    panels = [p for p in panels if p[1]]
-    cols = 3
-    rows = math.ceil(len(panels) / cols)
-    height = 3.8 * rows  # inches: room for the title, the footnote, and each panel's title and axis labels
-    fig = Figure(figsize=(5.2 * cols, height))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    positive = [r["step"] for r in everything if r["step"] > 0]
-    zero_at = min(positive) / 2 if positive else 1
-
-    def values(k, records):
-        return {r["step"]: r[k] for r in records if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])}
-
-    for ax, (panel, ks, ylabel) in zip(axes.flat, panels):
-        for g, (group, runs) in enumerate(groups.items()):
-            for m, k in enumerate(ks):
-                per_run = [values(k, records) for records in runs]
-                steps = sorted(set().union(*per_run))
-                if not steps:
-                    continue
-                ys = [[v[s] for v in per_run if s in v] for s in steps]
-                xs = np.array([s or zero_at for s in steps], dtype=float)
-                if len(groups) == 1:
-                    style, label = _style(k, ks), _label(k)
-                else:
-                    style, label = {"color": f"C{g % 10}", "ls": ("-", "--", ":", "-.")[m % 4]}, f"{group}: {_label(k)}"
-                line, = ax.plot(xs, [np.mean(y) for y in ys], marker=".", ms=3, lw=1.2, label=label, **style)
-                if len(runs) > 1:
-                    ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2, color=line.get_color())
-                else:
-                    ci = values(k + "_ci", runs[0])
-                    if ci:
-                        cx = np.array([s for s in steps if s in ci])
-                        cy, ch = np.array([per_run[0][s] for s in cx]), np.array([ci[s] for s in cx])
-                        ax.fill_between(np.where(cx == 0, zero_at, cx), cy - ch, cy + ch, alpha=0.2,
-                                        color=line.get_color())
-        ax.set_xscale("log")
-        if panel == "loss" and any(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
-            ax.set_yscale("log")
-        if panel == "logit margin":
-            ax.set_yscale("symlog", linthresh=1)
-            ax.axhline(90, color="grey", ls=":", lw=1)  # about where float32 cross-entropy gradients vanish
-        ax.set_title(panel, fontsize=10)
-        ax.set_xlabel("optimisation step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3, which="both")
-        n_lines = len(ks) * len(groups)
-        ax.legend(fontsize=8 if n_lines <= 8 else 7, ncol=1 if n_lines <= 5 else 2 if n_lines <= 16 else 3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    seeds = max(len(runs) for runs in groups.values())
-    band = f" (lines: mean over a group's runs, band: min to max)" if seeds > 1 else ""
-    fig.suptitle(title + band, fontsize=11)
-    fig.text(0.5, 0.003, "step 0 is drawn at half the first logged step (log axis); LC bands: 99% confidence interval "
-             "of the mean over points; PGD: solid the default attack, dashed the papers' ce32 (README: reading the "
-             "outputs)", ha="center", va="bottom", fontsize=8, color="0.3")
-    # a fixed layout: tight_layout measured every tick label twice and took half the plotting time
-    fig.subplots_adjust(left=0.055, right=0.99, bottom=0.65 / height, top=1 - 0.75 / height, wspace=0.25, hspace=0.34)
-    fig.savefig(path, dpi=100)
-    return [panel for panel, _, _ in panels]
-
-
-# ----------------------------------------------------------------------------- compare
-# config fields that say where or how a run ran, not what it measures: never a reason to tell runs apart
-NOT_THE_SETTING = ("out", "resume", "device", "data_dir", "download", "compile", "evals", "evals_every", "rank_every")
-
-
-def run_groups(folders):
-    """{label: [folder, ...]}: runs that differ only by seed (or schedule and plumbing) in one
-    group, labelled by the config fields that differ between the groups (e.g. weight_decay=0.1).
-    Refuses (one line) the same folder twice, and runs of different scripts or data sets."""
-    seen, infos = set(), {}
-    for folder in folders:
-        key = Path(folder).resolve()
-        if key in seen:
-            die(f"{folder} is given twice; name each run folder once")
-        seen.add(key)
-        try:
-            infos[folder] = json.loads((Path(folder) / "config.json").read_text())
-        except (OSError, ValueError):
-            infos[folder] = {"config": {}}
-    scripts = {f: script_of(i) for f, i in infos.items()}
-    for what, of in (("script", lambda f: scripts[f]), ("data set", lambda f: infos[f]["config"].get("dataset"))):
-        kinds = {of(f) for f in folders}
-        if len(kinds) > 1:
-            die(f"these runs come from different {what}s ({', '.join(sorted(map(str, kinds)))}); compare runs of one "
-                f"setting, or sweeps of one script")
-    fields = sorted({k for i in infos.values() for k in i["config"]} - set(NOT_THE_SETTING) - {"seed"})
-    differ = [k for k in fields if len({json.dumps(i["config"].get(k)) for i in infos.values()}) > 1]
-    groups = {}
-    for folder in folders:
-        config = infos[folder]["config"]
-        label = ", ".join(f"{k}={config.get(k)}" for k in differ) or "all runs"
-        groups.setdefault(label, []).append(folder)
-    return groups
-
-
-def compare_runs(folders, path, at=(), keys=()):
-    """Runs of one setting (seeds) or of a sweep in one figure (see plot_runs, run_groups) and a
-    table of their onsets and final values: per quantity, each run's value and, for each group of
-    several runs, their mean and range. at and keys add rows: each key's value at the logged step
-    nearest each step of at (in log distance). Returns the table as markdown."""
-    records = {f: read_metrics(f) for f in folders}
-    empty = next((f for f in folders if not records[f]), None)
-    if empty is not None:
-        die(f"no metrics in {empty}/metrics.jsonl to compare")
-    groups = run_groups(folders)
-    name = ", ".join(Path(f).name for f in folders) if len(folders) <= 3 else f"{len(folders)} runs"
-    plot_runs({label: [records[f] for f in members] for label, members in groups.items()}, path, name)
-    summaries = {f: onset_summary(records[f]) for f in folders}
-    for f in folders:
-        for step in at:
-            near = min(records[f], key=lambda r: abs(math.log((r["step"] or 0.5) / step)))
-            summaries[f].update({f"{k} at ~{step:g} (step {near['step']})": near.get(k) for k in keys})
-    several = {label: members for label, members in groups.items() if len(members) > 1}
-    if len(groups) > 1:
-        heads = [f"{label} mean | {label} min - max" for label in several]
-    else:
-        heads = ["mean | min - max"] * bool(several)
-    lines = ["| quantity | " + " | ".join(Path(f).name for f in folders) + "".join(f" | {h}" for h in heads) + " |",
-             "|---" * (1 + len(folders) + 2 * len(heads)) + "|"]
-    if len(groups) > 1:
-        label_of = {f: label for label, members in groups.items() for f in members}
-        lines.append("| setting | " + " | ".join(label_of[f] for f in folders) + " | -" * (2 * len(heads)) + " |")
-    for key in dict.fromkeys(k for s in summaries.values() for k in s):
-        cells = ["-" if summaries[f].get(key) is None else f"{summaries[f][key]:.4g}" for f in folders]
-        for members in several.values():
-            known = [summaries[f].get(key) for f in members if isinstance(summaries[f].get(key), (int, float))]
-            cells.append(f"{np.mean(known):.4g} | {min(known):.4g} - {max(known):.4g}" if known else "- | -")
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 # ==================== PART 3 of 3, DATA: the loaders, each refusing malformed files in one line
@@ -1613,21 +1465,6 @@ def read_idx(path):
 def idx_file(folder, name):
     """The IDX file name in folder, plain or .gz as distributed; None when neither is there."""
     return next((p for p in (Path(folder) / name, Path(folder) / f"{name}.gz") if p.is_file()), None)
-
-
-def split_mnist(source, out, n_train):
-    """A test-set-only MNIST copy (t10k-* in source) split in torchvision's layout under out: the
-    first n_train digits as train-*, the rest as t10k-* (the real test set is not sorted by class)."""
-    x, y = (read_idx(idx_file(source, name)) for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
-    if not 0 < n_train < len(x):
-        die(f"--train {n_train}: must be between 1 and {len(x) - 1} (the copy holds {len(x)} digits)")
-    raw = Path(out) / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train-images-idx3-ubyte", x[:n_train]), ("train-labels-idx1-ubyte", y[:n_train]),
-                       ("t10k-images-idx3-ubyte", x[n_train:]), ("t10k-labels-idx1-ubyte", y[n_train:])):
-        header = bytes([0, 0, 8, part.dim()]) + b"".join(n.to_bytes(4, "big") for n in part.shape)
-        (raw / name).write_bytes(header + part.numpy().tobytes())
-    return raw
 
 
 def load_npz(path):
@@ -1677,7 +1514,7 @@ def load_mnist(data_dir, dataset="mnist", download=True):
         if missing and all(n.startswith("train") for n in missing):
             src = found["t10k-images-idx3-ubyte"].parent
             die(f"{dataset} in {src}/ has only the test files (t10k-*): split them into a train and a test part with "
-                f"`python common.py split-mnist {src} data/mnist_split --train 5000`, then pass --data-dir "
+                f"`python tools/runs.py split-mnist {src} data/mnist_split --train 5000`, then pass --data-dir "
                 f"data/mnist_split (README, On a laptop CPU)")
         if missing:
             have = sorted(p.name for p in raw.iterdir()) if raw.is_dir() else []
@@ -1804,56 +1641,8 @@ def take_train_subset(cfg, n_available, generator=None):
     if cfg.train_size > n_available:
         die(f"--train-size {cfg.train_size}, but the data hold {n_available} training examples; ask for at most "
             f"{n_available} (0: all)")
+    if 0 < cfg.train_size < 3:
+        die(f"--train-size {cfg.train_size}: at least 3 training examples (the partition pictures need three), or 0 "
+            f"for all")
     n = cfg.train_size or n_available
     return torch.randperm(n_available, generator=generator)[:n] if generator else torch.arange(n)
-
-
-# ----------------------------------------------------------------------------- python common.py
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["split-mnist"]:
-        parser = argparse.ArgumentParser(prog="python common.py split-mnist", allow_abbrev=False,
-                                         description="a test-set-only MNIST copy (t10k-* files) as train and test "
-                                                     "parts in torchvision's layout")
-        parser.add_argument("source", help="folder with t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (or .gz)")
-        parser.add_argument("out", help="root to write <out>/MNIST/raw/ into; pass it as --data-dir")
-        parser.add_argument("--train", type=whole_number, default=5000, help="the first N digits become the train part")
-        args = parser.parse_args(sys.argv[2:])
-        missing = [n for n in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte") if idx_file(args.source, n) is None]
-        if missing:
-            die(f"{args.source} has no {' or '.join(missing)} (plain or .gz)")
-        print(f"written: {split_mnist(args.source, args.out, args.train)}")
-    elif sys.argv[1:2] == ["compare"]:
-        parser = argparse.ArgumentParser(prog="python common.py compare", allow_abbrev=False,
-                                         description="runs of one setting (seeds) or a sweep in one figure, and a "
-                                                     "table of onsets with their spread")
-        parser.add_argument("runs", nargs="+", help="run folders")
-        parser.add_argument("--out", default="compare.png", help="the figure (PNG)")
-        parser.add_argument("--at", type=float, nargs="*", default=[], help="steps at which to tabulate --keys")
-        parser.add_argument("--keys", nargs="*", default=[], help="metrics to tabulate at --at steps")
-        args = parser.parse_args(sys.argv[2:])
-        if any(not (math.isfinite(a) and a > 0) for a in args.at):
-            die(f"--at {' '.join(map(str, args.at))}: steps must be finite and above 0")
-        print(compare_runs(args.runs, args.out, args.at, args.keys))
-        print(f"figure: {args.out}")
-    else:
-        # python common.py RUN [RUN ...]: redraw metrics.png and metrics.csv of run folders (also
-        # while a run goes on) and refresh the onsets in summary.json (its time breakdown is kept)
-        usage = ("usage: python common.py RUN_FOLDER [RUN_FOLDER ...]      redraw each run's plot, csv and summary\n"
-                 "       python common.py compare RUN_FOLDER ... [--out fig.png]   several runs in one figure "
-                 "(--help for more)\n"
-                 "       python common.py split-mnist SOURCE OUT [--train 5000]    a test-set-only MNIST copy as train/test")
-        if sys.argv[1:2] in (["-h"], ["--help"]):
-            print(usage)
-            raise SystemExit(0)
-        if len(sys.argv) < 2:
-            print(usage, file=sys.stderr)
-            raise SystemExit(2)
-        for folder in sys.argv[1:]:
-            if not (Path(folder) / "metrics.jsonl").is_file():
-                die(f"{folder} is not a run folder (no metrics.jsonl); {usage.splitlines()[0][7:]}")
-        for folder in sys.argv[1:]:
-            plot_run(folder)
-            write_csv(folder)
-            path = Path(folder) / "summary.json"
-            write_summary(folder, json.loads(path.read_text()).get("time") if path.exists() else None)
-            print(f"{folder}: metrics.png, metrics.csv and summary.json written")

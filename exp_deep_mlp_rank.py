@@ -68,6 +68,7 @@ class Config:
     out: str = "runs/deep_mlp_rank"  # run folder
     resume: bool = False  # continue the run in --out from its last checkpoint (its stored config)
     quick: bool = False  # a seconds-long run of the same code path
+    ZERO_OK = ("seed", "train_size", "weight_decay")  # may be 0; every other number must be above 0
     CHOICES = {"dataset": ["mnist", "fashion-mnist"], "device": ["auto", "cuda", "mps", "cpu"]}
     PRESETS = {("quick", True): dict(  # --quick: the same code path in seconds
         train_size=200, steps=200, evals=6, lc_points=64, pgd_points=64, lc_directions=8, pgd_steps=5,
@@ -110,7 +111,7 @@ def main(cfg):
     optimizer = common.make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sample_gen = torch.Generator(device).manual_seed(cfg.seed + 2)  # draws the training batches
     generators = {"sample": sample_gen}  # saved in checkpoints, so a resumed run is exact
-    start = common.restore(run, checkpoint, model, optimizer, generators) if checkpoint else 0
+    start = common.restore(run, checkpoint, model, optimizer, generators)
 
     # what every evaluation measures, fixed for the whole run (random points: uniform in [0, 1]^784)
     probes = common.Probes(
@@ -118,8 +119,7 @@ def main(cfg):
         lc_points={"train": x_train[:cfg.lc_points], "test": x_test[:cfg.lc_points],
                    "random": torch.rand(cfg.lc_points, 1, 28, 28, generator=data_gen).to(device)},
         directions=common.random_directions(cfg.lc_directions, 28 * 28, data_gen),
-        rank_x=x_test[:cfg.rank_points], pgd_x=x_test[:cfg.pgd_points], pgd_y=y_test[:cfg.pgd_points],
-        anchors=common.anchor_points(x_train, y_train), seed=cfg.seed)
+        anchors=common.anchor_points(x_train, y_train))
     full_steps = set(common.log_steps(cfg.steps, cfg.evals))  # everything, LC and PGD included
     eval_steps = sorted(full_steps | set(range(0, cfg.steps, cfg.rank_every)))  # the rest: accuracy, rank, norm
     print(f"{run}: {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} {cfg.dataset} "
@@ -128,10 +128,8 @@ def main(cfg):
     batch_loss_max = torch.zeros((), device=device)  # the worst batch between evaluations: loss spikes
     timer.start_training()  # no host-device sync inside this loop: the evaluations sync once each
     for step in range(start, cfg.steps + 1):
-        if step in eval_steps and not (checkpoint and step == start):
-            common.evaluate_and_log(model, cfg, step, probes, run, timer,
-                                    lambda: common.save_checkpoint(run, model, optimizer, step, generators),
-                                    full=step in full_steps, batch_loss_max=batch_loss_max)
+        if step in eval_steps:
+            common.evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer, full=step in full_steps, batch_loss_max=batch_loss_max)
         if step == cfg.steps:
             break
         idx = torch.randint(len(x_train), (cfg.batch_size,), device=device, generator=sample_gen)

@@ -85,6 +85,7 @@ class Config:
     out: str = "runs/imagenette_resnet"  # run folder
     resume: bool = False  # continue the run in --out from its last checkpoint (its stored config)
     quick: bool = False  # a seconds-long run of the same code path
+    ZERO_OK = ("seed", "weight_decay")  # may be 0; every other number must be above 0
     CHOICES = {"dataset": ["imagenette", "cifar10"], "arch": ["torchvision", "preact"],
                "normalisation": ["auto", *common.NORMALISATIONS],
                "device": ["auto", "cuda", "mps", "cpu"]}
@@ -199,7 +200,7 @@ def main(cfg):
     optimizer = common.make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sample_gen = torch.Generator(device).manual_seed(cfg.seed + 2)  # draws the training batches
     generators = {"sample": sample_gen}  # saved in checkpoints, so a resumed run is exact
-    start = common.restore(run, checkpoint, model, optimizer, generators) if checkpoint else 0
+    start = common.restore(run, checkpoint, model, optimizer, generators)
 
     # what every evaluation measures, fixed for the whole run (random points: uniform in [0, 1]^D);
     # the radii are in normalised units (measure scales eps, alpha and the LC directions by std), and
@@ -211,9 +212,8 @@ def main(cfg):
         train=(to_input(x_train[eval_idx]), y_train[eval_idx]), test=(x_test, y_test), loss_fn=F.cross_entropy,
         lc_points={"train": lc_train, "test": x_test[:cfg.lc_points],
                    "random": torch.rand(cfg.lc_points, *shape, generator=data_gen).to(device)},
-        directions=directions, rank_x=x_test[:cfg.rank_points], pgd_x=x_test[:cfg.pgd_points],
-        pgd_y=y_test[:cfg.pgd_points], anchors=to_input(common.anchor_points(x_train, y_train)), seed=cfg.seed,
-        units=units, papers_clamp="normalised")
+        directions=directions, anchors=to_input(common.anchor_points(x_train, y_train)), units=units,
+        papers_clamp="normalised")
     eval_steps = common.log_steps(cfg.steps, cfg.evals)
     print(f"{run}: {cfg.arch} ResNet18, {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} "
           f"train images of {n_classes} classes at {cfg.resolution} px, device {device}")
@@ -221,10 +221,8 @@ def main(cfg):
     batch_loss_max = torch.zeros((), device=device)  # the worst batch between evaluations: loss spikes
     timer.start_training()  # no host-device sync inside this loop: the evaluations sync once each
     for step in range(start, cfg.steps + 1):
-        if step in eval_steps and not (checkpoint and step == start):
-            common.evaluate_and_log(model, cfg, step, probes, run, timer,
-                                    lambda: common.save_checkpoint(run, model, optimizer, step, generators),
-                                    batch_loss_max=batch_loss_max)
+        if step in eval_steps:
+            common.evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer, batch_loss_max=batch_loss_max)
         if step == cfg.steps:
             break
         idx = torch.randint(len(x_train), (cfg.batch_size,), device=device, generator=sample_gen)

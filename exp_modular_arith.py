@@ -57,6 +57,7 @@ class Config:
     out: str = "runs/modular_arith"  # run folder
     resume: bool = False  # continue the run in --out from its last checkpoint (its stored config)
     quick: bool = False  # a seconds-long run of the same code path (p=23, 300 steps, few points)
+    ZERO_OK = ("seed", "weight_decay")  # may be 0; every other number must be above 0
     CHOICES = {"model": ["mlp", "transformer"], "device": ["auto", "cuda", "mps", "cpu"]}
     PRESETS = {("quick", True): dict(  # --quick: the same code path in seconds
         p=23, train_frac=0.5, steps=300, evals=8, lc_points=64, pgd_points=64, lc_directions=8, pgd_steps=3,
@@ -98,7 +99,8 @@ def make_model(cfg):
 
 
 def main(cfg):
-    common.check_config(cfg)
+    if not 0 < cfg.train_frac < 1:
+        common.die(f"--train-frac {cfg.train_frac}: must be between 0 and 1 (the fraction of pairs used for training)")
     n_train = int(cfg.train_frac * cfg.p ** 2)
     if cfg.p < 3 or not 1 <= n_train < cfg.p ** 2:
         common.die(f"--p {cfg.p} --train-frac {cfg.train_frac} leaves {n_train} training and {cfg.p ** 2 - n_train} "
@@ -122,7 +124,7 @@ def main(cfg):
     train_model = common.compiled(model, cfg.compile, device)
     optimizer = common.make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generators = {}  # full batch: no sampling; PGD's starts are seeded by (seed, step)
-    start = common.restore(run, checkpoint, model, optimizer, generators) if checkpoint else 0
+    start = common.restore(run, checkpoint, model, optimizer, generators)
 
     # what every evaluation measures, fixed for the whole run (random points: uniform in the input box)
     probes = common.Probes(
@@ -130,18 +132,15 @@ def main(cfg):
         lc_points={"train": x_train[:cfg.lc_points], "test": x_test[:cfg.lc_points],
                    "random": torch.rand(cfg.lc_points, 2 * cfg.p, generator=data_gen).to(device)},
         directions=common.random_directions(cfg.lc_directions, 2 * cfg.p, data_gen),
-        rank_x=x_test[:cfg.rank_points], pgd_x=x_test[:cfg.pgd_points], pgd_y=y_test[:cfg.pgd_points],
-        anchors=common.anchor_points(x_train, y_train), seed=cfg.seed)
+        anchors=common.anchor_points(x_train, y_train))
     eval_steps = common.log_steps(cfg.steps, cfg.evals)
     print(f"{run}: {sum(p.numel() for p in model.parameters())} parameters, {n_train} train pairs, device {device}")
 
     batch_loss_max = torch.zeros((), device=device)  # the worst batch between evaluations: loss spikes
     timer.start_training()  # no host-device sync inside this loop: the evaluations sync once each
     for step in range(start, cfg.steps + 1):
-        if step in eval_steps and not (checkpoint and step == start):
-            common.evaluate_and_log(model, cfg, step, probes, run, timer,
-                                    lambda: common.save_checkpoint(run, model, optimizer, step, generators),
-                                    batch_loss_max=batch_loss_max)
+        if step in eval_steps:
+            common.evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer, batch_loss_max=batch_loss_max)
         if step == cfg.steps:
             break
         loss = F.cross_entropy(train_model(x_train), y_train)

@@ -29,7 +29,7 @@ def main():
     shared = set.intersection(*(set(c["config"]) for c in configs)) - {"depth", "out", "data_dir", "resume"}
     settings = [{k: c["config"][k] for k in shared} for c in configs]  # older runs lack later flags
     if any(s != settings[0] for s in settings):
-        common.die("the runs differ in more than --depth; compare them with `python common.py compare`")
+        common.die("the runs differ in more than --depth; compare them with `python tools/runs.py compare`")
     runs = sorted(zip((c["config"]["depth"] for c in configs), args.runs))
     fig = Figure(figsize=(4.2 * (len(runs) + 1), 3.8), layout="constrained")
     axes = fig.subplots(1, len(runs) + 1)

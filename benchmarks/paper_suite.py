@@ -73,6 +73,7 @@ def tf32_check(args, out):
     sys.path.insert(0, str(REPO))
     import common
     import exp_imagenette_resnet as script
+    import precision
     device = common.pick_device(args.device)
     n = 8 if args.smoke else args.tf32_points
     if Path(args.cifar).exists():
@@ -90,7 +91,7 @@ def tf32_check(args, out):
         directions = common.random_directions(cfg.lc_directions, 3 * 32 * 32, torch.Generator().manual_seed(cfg.seed))
         directions = common.in_input_units(directions, (3, 32, 32), name)
         for r in (cfg.lc_radius, cfg.lc_radius / 10):
-            a = common.lc_precision_audit(model, x.to(device), r, directions, batch_size=16)
+            a = precision.lc_precision_audit(model, x.to(device), r, directions, batch_size=16)
             lines.append(f"| {name} | {cfg.lc_directions} | {r:g} | {a['exact']:.2f} | {a['exact_r/10']:.2f} | {a['tf32']:.2f} | "
                          f"{a['tf32_r/10']:.2f} | {a['tf32_kind']} |")
     print("\n".join(lines), flush=True)

@@ -1,6 +1,7 @@
 """Run folder, metrics, plot, onset summary, log-spaced steps; the partition picture."""
 import itertools
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +9,10 @@ import torch
 import torch.nn as nn
 
 import common
-from test_scripts import run_script
+from test_scripts import REPO, run_script
+
+sys.path.insert(0, str(REPO / "tools"))
+import runs as runs_tool  # noqa: E402
 
 
 def test_log_steps_are_log_spaced_and_include_both_ends():
@@ -169,7 +173,7 @@ def test_compare_draws_seeds_and_tabulates_their_spread(tmp_path):
         run.mkdir()
         for step, tr, te in [(0, 0.1, 0.1), (fit, 1.0, final / 2), (100, 1.0, final)]:
             common.log_metrics(run, {"step": step, "train_acc": tr, "test_acc": te, "lc_train": 3.0 + seed})
-    table = common.compare_runs([tmp_path / f"seed{i}" for i in range(3)], tmp_path / "fig.png", at=[90], keys=["lc_train"])
+    table = runs_tool.compare_runs([tmp_path / f"seed{i}" for i in range(3)], tmp_path / "fig.png", at=[90], keys=["lc_train"])
     assert "| lc_train at ~90 (step 100) | 3 | 4 | 5 | 4 | 3 - 5 |" in table  # the logged step nearest 90
     assert "| train_acc_99_step | 10 | 20 | 30 | 20 | 10 - 30 |" in table
     assert "| test_acc_final | 0.8 | 0.9 | 1 | 0.9 | 0.8 - 1 |" in table
@@ -219,13 +223,13 @@ def test_compare_groups_a_sweep_by_the_fields_that_differ_and_refuses_mixed_expe
             _fake_run(folder, "exp_mnist_mlp.py", {"weight_decay": wd, "seed": seed, "out": str(folder), "lr": 1e-3},
                       (0.1, base, base + 0.1 * seed))
             runs.append(folder)
-    groups = common.run_groups(runs)
+    groups = runs_tool.run_groups(runs)
     assert groups == {"weight_decay=0.1": runs[:2], "weight_decay=1.0": runs[2:]}
-    table = common.compare_runs(runs, tmp_path / "fig.png")
+    table = runs_tool.compare_runs(runs, tmp_path / "fig.png")
     assert "| setting | weight_decay=0.1 | weight_decay=0.1 | weight_decay=1.0 | weight_decay=1.0 | - | - | - | - |" in table
     assert "| test_acc_final | 0.5 | 0.6 | 0.8 | 0.9 | 0.55 | 0.5 - 0.6 | 0.85 | 0.8 - 0.9 |" in table
     other = tmp_path / "modular"
     _fake_run(other, "exp_modular_arith.py", {"weight_decay": 1.0, "seed": 0}, (0.1, 0.5, 1.0))
     for bad, message in (([runs[0], other], "different scripts"), ([runs[0], runs[0]], "given twice")):
-        proc = run_script("common.py", "compare", *bad, "--out", tmp_path / "x.png", ok=False)
+        proc = run_script("tools/runs.py", "compare", *bad, "--out", tmp_path / "x.png", ok=False)
         assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "x.png").exists()

@@ -15,10 +15,10 @@ from test_scripts import ENV, REPO, records, run_script
 MODULAR_QUICK = ["--quick", "--steps", "200"]
 
 
-def test_common_help_exits_0_and_no_arguments_exit_2():
-    proc = run_script("common.py", "--help")
+def test_runs_tool_help_exits_0_and_no_arguments_exit_2():
+    proc = run_script("tools/runs.py", "--help")
     assert proc.returncode == 0 and "compare" in proc.stdout and "split-mnist" in proc.stdout
-    proc = run_script("common.py", ok=False)
+    proc = run_script("tools/runs.py", ok=False)
     assert proc.returncode == 2 and "usage" in proc.stderr
 
 
@@ -96,7 +96,7 @@ def test_a_test_set_only_copy_gets_the_split_command_which_works(tmp_path, mnist
     proc = run_script("exp_mnist_mlp.py", "--quick", "--no-download", "--data-dir", only_test, "--out",
                       tmp_path / "run", ok=False)
     assert proc.returncode == 2 and "only the test files" in proc.stderr and "split-mnist" in proc.stderr
-    run_script("common.py", "split-mnist", only_test, tmp_path / "split", "--train", "60")
+    run_script("tools/runs.py", "split-mnist", only_test, tmp_path / "split", "--train", "60")
     sys.path.insert(0, str(REPO))
     import common
     x_train, y_train, x_test, y_test = common.load_mnist(tmp_path / "split", download=False)

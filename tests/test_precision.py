@@ -1,6 +1,8 @@
 """Arithmetic under the measurements: the TF32 emulation, the r/10 audit of LC, and the guards that
 keep LC exact (TF32 off inside its forward) and PGD scored in eval mode."""
 import struct
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import precision  # noqa: E402
 from test_pgd import flags_seen_inside, tf32_now, tf32_set_to
 
 
@@ -27,7 +32,7 @@ def test_round_to_tf32_keeps_ten_mantissa_bits_rounding_to_nearest():
         return struct.unpack("<f", struct.pack("<I", sign | magnitude))[0]
 
     values = torch.tensor([1.0, 1 + 2**-10, 1 + 2**-11, 1 + 2**-12, -(1 + 3 * 2**-11), 0.1, -0.3, 123.456, 1e-20])
-    got = common.round_to_tf32(values)
+    got = precision.round_to_tf32(values)
     assert got.tolist() == [oracle(v) for v in values.tolist()]
     assert got[2] == 1 + 2**-10 and got[3] == 1.0  # a tie rounds away from zero, below a tie rounds down
 
@@ -37,7 +42,7 @@ def test_emulated_tf32_rounds_operands_and_restores_the_weights():
     before = {k: t.clone() for k, t in model.state_dict().items()}
     x = torch.rand(4, 3, 16, 16)
     exact = model(x)
-    with common.emulated_tf32(model):
+    with precision.emulated_tf32(model):
         rounded = model(x)
     assert all(torch.equal(before[k], t) for k, t in model.state_dict().items())
     assert torch.equal(model(x), exact)
@@ -47,7 +52,7 @@ def test_emulated_tf32_rounds_operands_and_restores_the_weights():
 
 def test_r_over_10_audit_passes_exact_lc_and_fails_rounded_lc():
     model, x = small_cnn(), torch.rand(128, 3, 16, 16)
-    audit = common.lc_precision_audit(model, x, 3e-3, 10)
+    audit = precision.lc_precision_audit(model, x, 3e-3, 10)
     assert audit["exact_is_linear"] and audit["exact_ratio"] > 7  # exact LC is proportional to r
     assert not audit["tf32_is_linear"] and audit["tf32_ratio"] < 4  # a rounding floor does not fall
     assert audit["tf32_r/10"] > 3 * audit["exact_r/10"]

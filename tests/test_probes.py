@@ -19,10 +19,9 @@ def tiny_setting(n=12):
     x = torch.rand(n, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     y = model(x).argmax(1).detach()
     fields = dict(train=(x, y), test=(x, y), loss_fn=nn.functional.cross_entropy, lc_points={"train": x, "test": x},
-                  directions=common.random_directions(3, 48, torch.Generator().manual_seed(2)), rank_x=x, pgd_x=x,
-                  pgd_y=y, anchors=x[:3], seed=0)
+                  directions=common.random_directions(3, 48, torch.Generator().manual_seed(2)), anchors=x[:3])
     cfg = types.SimpleNamespace(lc_radius=0.05, lc_batch=4, pgd_eps=(0.1,), pgd_alpha=0.05, pgd_steps=3,
-                                pgd_restarts=1, ce32_random_start=False)
+                                pgd_restarts=1, ce32_random_start=False, pgd_points=n, rank_points=n, seed=0)
     return model, fields, cfg
 
 
@@ -46,7 +45,7 @@ def test_normalised_radii_are_scaled_by_each_channels_std():
     model, fields, cfg = tiny_setting()
     probes = common.Probes(**fields, units="cifar10_true", papers_clamp="normalised")
     rec = common.measure(model, cfg, probes, common.Timer(torch.device("cpu")), step=5)
-    x, y = fields["pgd_x"], fields["pgd_y"]
+    x, y = fields["test"]
     std = torch.tensor(STD).reshape(3, 1, 1)
     by_hand = (fields["directions"].reshape(-1, 3, 4, 4) * std).reshape(-1, 48)
     lc = common.lc_summary(common.local_complexity(model, x, cfg.lc_radius, by_hand, cfg.lc_batch))
