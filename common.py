@@ -1,24 +1,16 @@
-"""Measurements and run bookkeeping shared by the exp_*.py scripts, in three parts, in this order.
+"""What the exp_*.py scripts share, in three parts.
 
-MEASUREMENTS (each tested against an independent oracle in tests/; a reader who wants only these
-can stop at PART 2): relu_inputs, the hook through which every measurement finds the neurons;
-local complexity (random_directions, local_complexity, lc_summary, boundary_points; TF32 against
-float32: lc_precision_audit); rank and norm (feature_rank, effective_rank, layer_ranks,
-weight_norm); L-infinity PGD and its diagnostics (pgd_attack, pgd_accuracy with the masking-free
-default loss or the papers' float32 cross-entropy, logit_margins, zero_grad_fraction); units of
-the inputs (NORMALISATIONS, Normalize, papers_box, in_input_units); one evaluation (evaluate,
-Probes: what every evaluation of a run measures, measure); the linear regions on a plane through
-three inputs (partition_picture).
-BOOKKEEPING: errors and device, a script's evaluation step (evaluate_and_log), log-spaced steps
-and a timer, the configuration from the command line (parse_config, check_config, cli), the run
-folder (config.json, metrics.jsonl/.csv, checkpoint.pt and resume, summary.json with the grokking
-onsets), plots (metrics.png), compare.
-DATA: the MNIST, Fashion-MNIST and CIFAR-10 loaders; then `python common.py` (redraw, compare,
-split-mnist).
+1. MEASUREMENTS, each tested against an independent oracle in tests/ (a reader who wants only
+   these can stop at part 2): local_complexity (LC), layer_ranks and weight_norm, pgd_accuracy
+   (two attacks) with logit_margins and zero_grad_fraction, and measure(), which takes them all at
+   one step; partition_picture draws the linear regions on a plane.
+2. BOOKKEEPING: the evaluation step, the command line, the run folder (config.json, metrics,
+   checkpoint and resume, summary.json), metrics.png.
+3. DATA: the MNIST, CIFAR-10 and image-folder loaders.
 
-Every function that looks inside a model finds its neurons the same way: the inputs of every
-nn.ReLU module that runs in the forward pass, in the order they run (a conv layer's input: every
-channel x position). Use nn.ReLU modules, not F.relu, in models you want to measure.
+Every measurement finds the neurons the same way: the inputs of every nn.ReLU module that runs in
+the forward pass, in the order they run (a conv layer's: every channel x position). Build the
+models you measure with nn.ReLU modules, not F.relu.
 """
 import argparse
 import contextlib
@@ -64,9 +56,8 @@ UNCOUNTED_KINKS = ("max_pool", "leaky_relu", "hardtanh", "relu6", "prelu", "rrel
 
 
 class _WatchFunctions(torch.overrides.TorchFunctionMode):
-    """Sees every torch function the model calls: a relu outside an nn.ReLU module (F.relu,
-    torch.relu, Tensor.relu) would be a layer the measurements leave out; max-pooling and other
-    piecewise-linear functions add region boundaries that no ReLU neuron stands for."""
+    """Sees every torch function the model calls: relu outside an nn.ReLU module, and the other
+    piecewise-linear functions whose kinks no ReLU neuron stands for."""
 
     def __init__(self):
         super().__init__()
@@ -85,12 +76,10 @@ class _WatchFunctions(torch.overrides.TorchFunctionMode):
 def relu_inputs(model, reduce):
     """Calls reduce(layer_index, pre_activation) on the input of every nn.ReLU as it runs.
 
-    The pre-hook runs before the ReLU, so an inplace ReLU is seen before it overwrites its input.
-    A module run twice counts as two layers. The hooks are always removed. Refuses (ValueError) a
-    model without nn.ReLU, one where no nn.ReLU ran, and one that applies relu as a function
-    (F.relu, torch.relu), whose neurons would be silently left out; warns when some nn.ReLU
-    modules never ran or when the model has other kinks (max-pooling, leaky ReLU, ...) that LC
-    does not count."""
+    A pre-hook, so an inplace ReLU is seen before it overwrites its input; a module run twice is
+    two layers; the hooks are always removed. Refuses (ValueError) a model without nn.ReLU, one
+    where none ran, and one that calls relu as a function (F.relu: neurons silently left out);
+    warns when some nn.ReLU never ran or the model has other kinks (max-pooling, leaky ReLU...)."""
     name = type(model).__name__
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
     if not relus:
@@ -164,27 +153,20 @@ def random_directions(n, dim, generator=None):
 def local_complexity(model, x, radius, directions, batch_size=64, zero_is_a_sign=False, tf32=False):
     """Number of neurons cut by the cross-polytope conv{x +- radius * v_p} around each point.
 
-    x: (N, ...) points with x[i].numel() == directions.shape[1]. directions: (P, D) rows (any
-    rows: for a neighbourhood defined in normalised units, pass rows scaled into pixel units).
-    A neuron (the input of an nn.ReLU, per channel x position for conv maps) is cut when its
-    pre-activation is > 0 at some vertex and <= 0 at another: the ReLU's output is not linear on
-    the polytope. zero_is_a_sign=True counts instead any change of sign(pre) in {-1, 0, +1}, as
-    the authors' code does: it adds neurons that are exactly 0 at some vertices and negative at
-    the others (dead units of bias-free networks), which the ReLU does not cut. Returns a
-    LongTensor (N, L) on the CPU: the count per point and per ReLU layer (sum over L for the LC).
+    x: (N, ...) points; directions: (P, D) rows with D = x[i].numel() (for radii in normalised
+    units pass rows scaled into the input's units: in_input_units), or an int P (P orthonormal
+    directions from a generator seeded 0). A neuron (the input of an nn.ReLU; per channel x
+    position for conv maps) is cut when it is > 0 at some vertex and <= 0 at another.
+    zero_is_a_sign=True also counts a neuron that is 0 at some vertices and negative at the others,
+    as the authors' code does (the ReLU does not cut it: dead units of bias-free networks).
+    Returns a LongTensor (N, L) on the CPU: counts per point and ReLU layer (sum over L for LC).
 
-    Each chunk of batch_size points is forwarded as batch_size * 2P vertices in one batch, and
-    each layer is reduced to counts as soon as it is computed, so memory is bounded by the chunk.
-    radius is in the units of x (the directions are unit vectors in that space). Choose it well
-    below the distance between data points and well above the arithmetic's rounding: exact LC is
-    proportional to r for small r (check with benchmarks/precision.py: LC at r/10 should be ~10x
-    smaller), and the papers use r=0.005 (normalised CIFAR units), 1e-4 (Imagenette), ~0.05 (MNIST
-    pixels). directions may be an int P: P orthonormal directions drawn from a generator seeded 0.
-
-    Runs in float32 (or the model's dtype) with TF32 off (tf32=True leaves it on, as the authors'
-    code does on a GPU: see benchmarks/precision.py), in eval mode, without gradients; the model, its
-    buffers and the global RNG are unchanged. Refuses (ValueError) non-floating or non-finite
-    inputs and a radius that is not finite and > 0."""
+    Each chunk of batch_size points runs as batch_size * 2P vertices in one forward pass, each
+    layer reduced to counts at once, so memory is bounded by the chunk. Choose the radius well
+    below the distance between points and well above rounding (exact LC is proportional to r when
+    r is small: benchmarks/precision.py checks it). Runs in float32 with TF32 off (tf32=True: on,
+    as the authors' code on a GPU), in eval mode, without gradients; the model and the global RNG
+    are unchanged. Refuses (ValueError) non-floating or non-finite inputs and a bad radius."""
     _check_points(x, "local_complexity")
     if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
         raise ValueError(f"local_complexity: radius must be a finite number > 0, got {radius}")
@@ -300,19 +282,13 @@ def _as_features(pre):
 def layer_ranks(model, x, batch_size=1024):
     """(feature_rank, effective_rank) of the input of every ReLU layer on the points x.
 
-    What "rank" means per layer: for a dense layer (N, d), the rank of the d x d covariance of its
-    pre-activations over the N points (at most min(N - 1, d)); for a conv layer (N, C, H, W), every
-    spatial position of every point is a sample of C channels, so it is the rank of the C x C
-    channel covariance over N * H * W samples (at most C); for a sequence (N, T, d), of the d x d
-    covariance over N * T tokens.
-
-    The features are those of the network itself, as Deep Grokking computes them: a float64 copy
-    of the model (same weights) runs the forward pass, whatever dtype the model trains in. Float32
-    rounding would raise the rank of every layer behind a low-rank bottleneck. The float64
-    covariance of each layer is accumulated batch by batch (memory d x d, not N x d), with the data
-    shifted by its first row so that constant features give exact zeros. The rank uses
-    matrix_rank's default tolerance (sigma_max * d * eps64); the effective rank the singular values
-    of the centred features, sqrt((N-1) * eig(cov))."""
+    Per layer: a dense layer (N, d) gives the d x d covariance of its pre-activations over the N
+    points; a conv layer (N, C, H, W) the C x C channel covariance over N * H * W positions; a
+    sequence (N, T, d) the d x d covariance over N * T tokens. As Deep Grokking, in float64: a
+    float64 copy of the model runs the forward pass (float32 rounding would raise the rank of every
+    layer behind a low-rank bottleneck). The covariance is accumulated batch by batch (memory d x
+    d), shifted by the first row so constant features give exact zeros; the rank uses
+    matrix_rank's default tolerance, the effective rank the covariance's eigenvalues."""
     stats = {}
 
     def accumulate(layer, pre):
@@ -355,30 +331,24 @@ def _check_radius(name, value):
 
 def pgd_attack(model, x, y, eps, alpha, steps, random_start=True, restarts=1, lo=0.0, hi=1.0,
                generator=None, loss="log1m"):
-    """L-infinity PGD (untargeted) with sign steps of size alpha, projected on |x_adv - x| <= eps
-    and clamped to lo <= x_adv <= hi. Two losses, two questions:
+    """L-infinity PGD (untargeted): sign steps of size alpha, projected on |x_adv - x| <= eps and
+    clamped to [lo, hi]. Two losses, two questions:
 
-    loss="log1m" (the default) measures robustness. It ascends log(1 - p_y), in float64 as
-    logsumexp over the wrong classes minus logsumexp over all: per example its input gradient is a
-    positive multiple (p_y / (1 - p_y)) of the cross-entropy's, so the sign steps are the same, but
-    it does not vanish on confident logits. Each example keeps the first iterate (of any step of
-    any restart) that fools the model, else the last: robust accuracy can only fall with more
-    steps or restarts.
+    "log1m" (default) measures robustness: it ascends log(1 - p_y) in float64 (logsumexp of the
+    wrong classes minus logsumexp of all), whose input gradient is a positive multiple of the
+    cross-entropy's (the same sign steps) but never vanishes on confident logits. Each example
+    keeps the first iterate of any step or restart that fools the model, else the last: robust
+    accuracy can only fall with more steps or restarts.
 
-    loss="ce32" is the papers' attack (grok-adversarial attacks.py, as Humayun et al. evaluate):
-    sign steps on the float32 cross-entropy averaged over the attacked batch, the last iterate
-    scored. Once a point's margin z_y - max_j z_j passes ~90, float32 rounds 1 - p_y to 0 and its
-    input gradient is exactly zero; sign(0) = 0, so the point never moves and counts as robust
-    (gradient masking: see logit_margins, zero_grad_fraction). Where margins are small the two
-    attacks agree; where they are large, only "log1m" says how robust the model is. (The authors'
-    class has a random_start flag that it never reads: their attack starts at x. Here
-    random_start applies to both losses; the scripts' evaluations run ce32 from x, as the authors.)
+    "ce32" is the papers' attack (grok-adversarial attacks.py): sign steps on the float32
+    cross-entropy averaged over the batch, the last iterate scored. Past a margin of ~90 float32
+    rounds 1 - p_y to 0, the gradient is exactly zero and the point never moves: it counts as
+    robust (gradient masking; see logit_margins, zero_grad_fraction). Their code starts at x
+    (random_start=False); random_start applies to both losses here.
 
-    The model runs in eval mode and is left unchanged (no parameter, buffer or .grad). eps, alpha,
-    lo and hi are numbers, or tensors that broadcast against one input (e.g. (C, 1, 1): a radius
-    or bound per channel, for radii given in normalised units and applied in pixel space).
-    Refuses (ValueError) a NaN or negative eps or alpha, inputs that are not floating point or not
-    finite, and an unknown loss."""
+    eval mode, the model left unchanged. eps, alpha, lo, hi: numbers or tensors that broadcast
+    against one input (per channel (C, 1, 1): radii in normalised units applied to pixels). Refuses
+    (ValueError) a NaN or negative eps or alpha, non-floating or non-finite inputs, an unknown loss."""
     if loss not in PGD_LOSSES:
         raise ValueError(f"loss must be one of {PGD_LOSSES}, got {loss!r}")
     _check_points(x, "pgd_attack")
@@ -621,16 +591,12 @@ def anchor_points(x, y):
 
 
 def partition_picture(model, anchors, path, resolution=300, margin=0.5, batch_size=1024, title=""):
-    """Draws the linear regions of model on the plane through three inputs (anchors: (3, ...)).
-
-    The plane is x(a, b) = x0 + a (x1 - x0) + b (x2 - x0) for a, b in [-margin, 1 + margin]. Every
-    grid point gets its activation pattern (the signs at every ReLU input, see region_ids).
-    Left: the regions, each in its own colour, edges (neighbouring grid points with different
-    patterns) in dark grey. Right: the boundary density, the mean number of neurons whose sign
-    differs between a grid point and its right and upper neighbours (bright: dense; colours span the
-    2nd to 98th percentile): it stays readable where the regions are finer than the grid (CNNs). The decision boundary
-    (where the predicted class changes) is red in both, the anchors are dots.
-    Returns the number of distinct regions seen on the grid (a lower bound of the true count)."""
+    """Draws the linear regions of model on the plane x0 + a (x1 - x0) + b (x2 - x0), a, b in
+    [-margin, 1 + margin], through three inputs (anchors: (3, ...)), from each grid point's
+    activation pattern (region_ids). Left: the regions in random light colours, their edges dark.
+    Right: the boundary density, neurons whose sign flips between neighbouring grid points (it
+    stays readable where regions are finer than the grid). Red: the decision boundary; dots: the
+    anchors. Returns the number of regions seen on the grid (a lower bound)."""
     import matplotlib
     from matplotlib.figure import Figure
 
@@ -677,12 +643,11 @@ def partition_picture(model, anchors, path, resolution=300, margin=0.5, batch_si
 
 
 def region_ids(model, points, point_shape, batch_size=1024, row=None):
-    """Region index of each point's activation pattern (the signs at every ReLU input), its
-    predicted class and, for points on a row-major grid with `row` points a row, the number of
-    neurons whose sign differs from the next point in the row plus from the point one row up
-    (None without `row`). Each layer's sign vector is projected on 4 random integer vectors
-    (entries below 2^20): the float64 sums are integers below 2^53, so exact and independent of
-    batching, and two different patterns agree on all 4 with probability below 2^-80."""
+    """Region index of each point's activation pattern (the signs at every ReLU input), its predicted
+    class and, for a row-major grid of `row` points a row, the number of neurons whose sign differs
+    from the next point in the row plus the point one row up (None without `row`). Each layer's
+    signs are projected on 4 random integer vectors (entries < 2^20): exact float64 sums, so
+    independent of batching; two patterns collide with probability below 2^-80."""
     gen = torch.Generator().manual_seed(12345)
     weights = {}
     keys, classes, flips = [], [], []
@@ -940,61 +905,52 @@ def whole_number(text):
     return int(value)
 
 
-def _parser(cls, defaults=True):
+def parse_config(cls, argv=None):
+    """A dataclass of hyper-parameters from the command line, parsed once: every field a --flag,
+    its comment the help; numbers may be fractions (--pgd-eps 8/255) or 5e3. The class's PRESETS,
+    {(field, value): {field: default}}, fill the fields not given when a field has that value
+    (--quick's sizes, a data set's own defaults). --resume takes the run's stored config.json; a
+    flag given with it may change only a field of NOT_THE_EXPERIMENT, else it is refused."""
     helps = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(cls), re.M))
     parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
-                                     argument_default=None if defaults else argparse.SUPPRESS)
+                                     allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
-        flag, text = "--" + f.name.replace("_", "-"), helps.get(f.name, "").replace("%", "%%")
-        default = (list(f.default) if isinstance(f.default, tuple) else f.default) if defaults else argparse.SUPPRESS
+        flag, text = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default: {f.default})".replace("%", "%%")
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         elif f.type in (tuple, "tuple"):
-            parser.add_argument(flag, type=number, nargs="+", default=default, help=text)
+            parser.add_argument(flag, type=number, nargs="+", help=text)
         else:
             kind = {"int": whole_number, int: whole_number, "float": number, float: number}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=default, choices=getattr(cls, "CHOICES", {}).get(f.name),
-                                help=text)
-    return parser
-
-
-def parse_config(cls, argv=None):
-    """A dataclass of hyper-parameters from the command line: every field a --flag, its comment the
-    help; numbers may be fractions (--pgd-eps 8/255). The class's PRESETS, {(field, value):
-    {field: default}}, fill the fields not given when a field has that value (--quick's sizes,
-    a data set's own defaults). --resume takes the run's stored config.json, so `--out RUN --resume`
-    continues it; a flag given with it may change only a NOT_THE_EXPERIMENT field, and a flag that would
-    change the experiment is refused, naming the fields."""
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(_parser(cls).parse_args(argv)).items()}
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(_parser(cls, False).parse_args(argv)).items()}
-    stored_path = Path(values["out"]) / "config.json"
+            parser.add_argument(flag, type=kind, choices=getattr(cls, "CHOICES", {}).get(f.name), help=text)
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(parser.parse_args(argv)).items()}
+    values = {**defaults, **given}
+    out, stored_path = Path(values["out"]), Path(values["out"]) / "config.json"
     if values["resume"] and not stored_path.exists():
-        if (Path(values["out"]) / "checkpoint.pt").exists():
-            die(f"--resume: {values['out']} has a checkpoint but no config.json (deleted?); without it the run cannot "
+        if (out / "checkpoint.pt").exists():
+            die(f"--resume: {out} has a checkpoint but no config.json (deleted?); without it the run cannot "
                 f"be continued safely: restore config.json, or start a new --out")
-        die(f"--resume: there is no run in {values['out']} (no config.json); check --out, or drop --resume to start "
+        die(f"--resume: there is no run in {out} (no config.json); check --out, or drop --resume to start "
             f"a new run there")
-    if values["resume"] and (Path(values["out"]) / "checkpoint.pt").exists():
+    if values["resume"] and (out / "checkpoint.pt").exists():
         try:
             info = json.loads(stored_path.read_text())
             stored = info["config"]
         except (ValueError, KeyError) as e:
             die(f"{stored_path} is not a config this toolkit wrote ({e}); start a new run with another --out")
-        made_by = script_of(info)
-        this = Path(sys.argv[0]).name
+        made_by, this = script_of(info), Path(sys.argv[0]).name
         if made_by and this.startswith("exp_") and made_by != this:
-            die(f"--resume: {values['out']} holds a run of {made_by}, not of {this}; resume it with {made_by}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields}
-        newer = sorted(fields - set(stored) - set(NOT_THE_EXPERIMENT))
+            die(f"--resume: {out} holds a run of {made_by}, not of {this}; resume it with {made_by}")
+        stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in defaults}
+        newer = sorted(set(defaults) - set(stored) - set(NOT_THE_EXPERIMENT))
         if newer:
-            die(f"--resume: {values['out']} was made by an older version of this script, without "
+            die(f"--resume: {out} was made by an older version of this script, without "
                 + ", ".join(f"--{k.replace('_', '-')}" for k in newer) + "; today's defaults could change the "
                 "experiment, so start a new --out (or add the value it ran with to config.json)")
         changed = [k for k, v in given.items() if k not in NOT_THE_EXPERIMENT and k in stored and stored[k] != v]
         if changed:
-            die(f"--resume: {values['out']} holds a run with " + ", ".join(f"--{k.replace('_', '-')} {stored[k]}" for k in
+            die(f"--resume: {out} holds a run with " + ", ".join(f"--{k.replace('_', '-')} {stored[k]}" for k in
                 changed) + " (given: " + ", ".join(f"{given[k]}" for k in changed) + "); these define the experiment "
                 f"and cannot change on resume (only {', '.join(NOT_THE_EXPERIMENT)} can): drop them, or start a new --out")
         values = {**values, **stored, **given}
@@ -1133,12 +1089,15 @@ def start_run(out, config, device, notes=None):
     return run, state
 
 
-def write_atomic(path, text):
-    """Writes a file the run owns in one step (a temporary file, then a rename): a kill or a full
-    disk mid-write leaves the old file whole."""
+def write_atomic(path, data):
+    """Writes text or bytes in one step (a synced temporary file, then a rename): a kill or a full
+    disk mid-write leaves the old file whole. The one writer of every file a run rewrites."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -1197,6 +1156,14 @@ def write_csv(run):
         w.writerows(records)
 
 
+def to_bytes(obj):
+    """torch.save into memory: written by plain file I/O, a full disk raises OSError (ENOSPC), where
+    torch.save's own writer raises an obscure RuntimeError."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def save_checkpoint(run, model, optimizer, step, generators):
     """Model, optimiser, step, the config and every RNG state (the global ones and the named
     generators, e.g. the batches'), written atomically (tmp file, then rename)."""
@@ -1207,14 +1174,7 @@ def save_checkpoint(run, model, optimizer, step, generators):
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": config,
              "rng_cpu": torch.get_rng_state(), "generators": {k: g.get_state() for k, g in generators.items()},
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    buffer = io.BytesIO()  # serialised in memory, written by plain file I/O: a full disk raises OSError (ENOSPC)
-    torch.save(state, buffer)  # where torch.save's own writer raises an obscure RuntimeError
-    tmp = Path(run) / "checkpoint.pt.tmp"
-    with open(tmp, "wb") as f:
-        f.write(buffer.getbuffer())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, Path(run) / "checkpoint.pt")
+    write_atomic(Path(run) / "checkpoint.pt", to_bytes(state))
 
 
 def read_checkpoint(run, steps):
@@ -1626,10 +1586,8 @@ def load_image_folders(root, resolution, resize=False):
                 labels.append(label)
         tensors += [torch.stack(images), torch.tensor(labels)]
     try:
-        tmp = cache.with_suffix(".tmp")
-        torch.save(tensors, tmp)
-        os.replace(tmp, cache)
-    except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError on a read-only folder or a full disk
+        write_atomic(cache, to_bytes(tensors))
+    except OSError as e:  # a read-only folder, a full disk
         warnings.warn(f"cannot cache the decoded images in {root} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}); "
                       "they will be decoded again next time")
     return tensors

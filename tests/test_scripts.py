@@ -209,3 +209,29 @@ def test_transformer_computes_the_full_forward_at_the_equals_position():
     h = h + model.attn(h, h, h, need_weights=False)[0]
     h = h + model.mlp(h)
     torch.testing.assert_close(model(x), model.unembed(h[:, -1]), rtol=1e-12, atol=1e-12)
+
+
+def test_a_copied_script_with_new_fields_runs_outside_the_repository(tmp_path, mnist_dir):
+    """Coursework: exp_mnist_mlp.py and common.py copied into a folder of their own, with new fields
+    of each type added to the Config (and a dropout layer using one), run --quick there."""
+    import shutil
+    shutil.copy(REPO / "common.py", tmp_path / "common.py")
+    script = (REPO / "exp_mnist_mlp.py").read_text()
+    anchor = "    width: int = 200  # hidden width\n"
+    assert anchor in script
+    script = script.replace(anchor, anchor + "    dropout: float = 0.1  # dropout after each hidden ReLU\n"
+                            "    heads: int = 2  # an int field\n    note_bool: bool = False  # a flag\n"
+                            "    extra: tuple = (1.0, 2.0)  # a tuple field\n")
+    layer = "        layers += [nn.Linear(width_in, cfg.width), nn.ReLU()]\n"
+    assert layer in script
+    script = script.replace(layer, "        layers += [nn.Linear(width_in, cfg.width), nn.ReLU(), nn.Dropout(cfg.dropout)]\n")
+    (tmp_path / "exp_mnist_mlp.py").write_text(script)
+    proc = subprocess.run([sys.executable, "exp_mnist_mlp.py", "--quick", "--device", "cpu", "--no-download",
+                           "--data-dir", str(mnist_dir), "--dropout", "0.2", "--out", "run"], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert config["dropout"] == 0.2 and config["heads"] == 2 and config["extra"] == [1.0, 2.0]
+    proc = subprocess.run([sys.executable, "exp_mnist_mlp.py", "--quick", "--dropout", "nan", "--out", "bad"],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--dropout nan: must be a finite number above 0" in proc.stderr
