@@ -226,9 +226,8 @@ def exact_float32():
 
 
 def boundary_points(model, x, steps=20, batch_size=1024):
-    """Points on the decision boundary: pair point i with a point of another predicted class and
-    bisect the segment between them (steps halvings) until the prediction changes. Returns the
-    midpoints of the final brackets, one per point that has a partner (none if all agree)."""
+    """Points on the decision boundary: each point paired with one of another predicted class
+    (among 63 neighbours), the segment bisected `steps` times; the final brackets' midpoints."""
     with torch.no_grad(), eval_mode(model):
         pred = torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
         index = torch.arange(len(x), device=x.device)
@@ -392,9 +391,8 @@ def pgd_attack(model, x, y, eps, alpha, steps, random_start=True, restarts=1, lo
 
 
 def pgd_accuracy(model, x, y, eps, alpha, steps, batch_size=None, loss="log1m", **kwargs):
-    """Fraction of examples still classified correctly after pgd_attack (every restart). Batches of
-    1024 for "log1m" (per-example, so the batch does not matter) and of 2048 for "ce32" (the mean
-    over the batch scales every gradient: 2048 is the authors' test batch)."""
+    """Fraction of examples still classified correctly after pgd_attack. Batches of 1024 for
+    "log1m" (per example) and 2048 for "ce32" (the batch mean scales every gradient: the authors')."""
     batch_size = batch_size or (2048 if loss == "ce32" else 1024)
     correct = 0
     for i in range(0, len(x), batch_size):
@@ -419,9 +417,8 @@ def logit_margins(model, x, y, batch_size=1024):
 
 
 def zero_grad_fraction(model, x, y, batch_size=2048):
-    """Fraction of examples whose input gradient of the float32 cross-entropy, averaged over
-    batches of batch_size as the papers' attack computes it, is exactly zero at the clean point:
-    the points that attack cannot move (they count as robust whatever their true robustness)."""
+    """Fraction of examples whose input gradient of the float32 cross-entropy (batch mean, as the
+    papers' attack) is exactly zero at the clean point: points that attack cannot move."""
     y = _as_labels(y)
     zero = 0
     with eval_mode(model), exact_float32():
@@ -446,10 +443,9 @@ NORMALISATIONS = {
 
 
 def papers_box(name):
-    """The clamp of the papers' attack, in [0, 1] pixel units per channel: their PGD clamps the
-    normalised input to one global range, [min_c (0 - m_c) / s_c, max_c (1 - m_c) / s_c] (for
-    cifar10_authors [-2.4291, 2.7537], grok-adversarial configs.py), not to each channel's own
-    [0, 1]. Returns (lo, hi) as (C, 1, 1) tensors."""
+    """The papers' attack's clamp in [0, 1] pixels per channel, (lo, hi) as (C, 1, 1): their PGD
+    clamps the normalised input to one global range [min_c -m_c/s_c, max_c (1-m_c)/s_c] (for
+    cifar10_authors [-2.4291, 2.7537], grok-adversarial configs.py), not each channel's [0, 1]."""
     m, s = torch.tensor(NORMALISATIONS[name][0]).reshape(-1, 1, 1), channel_std(name)
     low, high = (-m / s).min(), ((1 - m) / s).max()
     return m + low * s, m + high * s
@@ -481,9 +477,8 @@ def in_input_units(directions, shape, name):
 
 
 def units_notes(cfg, name):
-    """What config.json records of a script that gives its radii in units of the normalised input
-    (NORMALISATIONS[name]): the normalisation (name, constants, source) and cfg's radii per channel in
-    [0, 1] pixels (r * std_c), which are also printed."""
+    """config.json's record of radii in units of the normalised input (NORMALISATIONS[name]): the
+    normalisation, and the radii per channel in [0, 1] pixels (r * std_c), also printed."""
     mean, std, source = NORMALISATIONS[name]
 
     def to_pixels(r):
@@ -530,17 +525,13 @@ class Probes:
 
 
 def measure(model, cfg, probes, timer, step, full=True):
-    """Every measure of the papers at one step but the losses, as a dict; probes (a Probes) holds
-    what stays fixed for the run. cfg names the settings, its radii in probes.units: lc_radius,
-    lc_batch, pgd_eps, pgd_alpha, pgd_steps, pgd_restarts, pgd_points, rank_points,
-    ce32_random_start, seed. Both attacks run at every eps (pgd_acc_<eps>: the default,
-    masking-free attack; pgd_ce32_acc_<eps>: the papers', from x as their code does, or with
-    cfg.ce32_random_start from the default attack's random starts), with the logit margins'
-    quantiles (margin_p10/p50/p90) and zero_grad_frac on the same points (see pgd_attack). LC (mean
-    and 99% CI) is also taken at points on the decision boundary between test points. PGD's random
-    starts come from a generator seeded by (seed, step), so a step's numbers do not depend on which
-    steps were evaluated before it (a resumed or extended run gives the same records). full=False
-    measures only rank and norm."""
+    """Every measure of the papers at one step but the losses, as a dict. probes: what stays fixed
+    for the run; cfg: the settings (radii in probes.units). Rank and norm; LC (mean, 99% CI) at each
+    set of probes.lc_points and at decision-boundary points between test points; at every eps both
+    attacks (pgd_acc_<eps>: the toolkit's, masking-free; pgd_ce32_acc_<eps>: the papers', from x
+    unless cfg.ce32_random_start) from the same random starts, seeded by (seed, step) so a step's
+    numbers do not depend on the steps evaluated before it; the margins' quantiles
+    (margin_p10/p50/p90) and zero_grad_frac on the same points. full=False: rank and norm only."""
     x, y = (t[:cfg.pgd_points] for t in probes.test)
     normalised = probes.units != "none"
     rec = {}
@@ -697,10 +688,8 @@ def die(message):
 
 
 def pick_device(name="auto"):
-    """'auto' picks cuda, then mps, then cpu. On CUDA, training matmuls and convs may use TF32 (the
-    measurements turn it off: see exact_float32). On CPU torch uses every core: on a 2-core
-    machine two threads trained the MLP 1.2-2.2x and the CNN 1.2-2.4x faster than one (README,
-    performance); when two runs share the machine, give each OMP_NUM_THREADS=1."""
+    """'auto' picks cuda, then mps, then cpu. On CUDA training may use TF32 (the measurements turn
+    it off: exact_float32). On CPU torch uses every core; give runs that share it OMP_NUM_THREADS=1."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if cuda else "mps" if mps else "cpu"
@@ -742,16 +731,12 @@ def compiled(model, enabled, device):
 
 # ----------------------------------------------------------------------------- evaluation step, schedule, timing
 def evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer, full=True, batch_loss_max=None):
-    """One evaluation step of a script: train and test accuracy and loss, measure(), the partition
-    picture at init, at the first evaluation with train accuracy >= 99% ("fit") and at the end,
-    one logged record, a progress line, a checkpoint (model, optimizer, the named generators). A
-    step already logged (a resumed run's checkpoint step) is not measured again. It closes the
-    training segment before (one device sync) and opens the next after. Stops the run with a
-    clear message when the training loss is not finite; what was logged stays, and the plot is
-    written. full=False: see measure (no LC, PGD or partition picture). batch_loss_max: a 0-d
-    tensor, the largest training-batch loss since the last evaluation (kept on the device without a
-    sync), logged as batch_loss_max and reset: it shows the loss spikes that evaluations at
-    far-apart log-spaced steps miss."""
+    """One evaluation step: train and test accuracy and loss, measure(), the partition picture at
+    init, at the first step with train accuracy >= 99% ("fit") and at the end, one logged record,
+    a progress line, a checkpoint. A step already logged (a resumed run's) is skipped. Training time
+    stops before (one device sync) and restarts after. A non-finite training loss ends the run in
+    one line, what was logged kept. batch_loss_max: a 0-d tensor, the worst batch loss since the
+    last evaluation (kept on the device), logged and reset: the spikes that sparse evaluations miss."""
     logged = read_metrics(run)
     if logged and logged[-1]["step"] >= step:
         return
@@ -787,18 +772,17 @@ def evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer
     timer.start_training()
 
 
-def log_steps(total, n=40, first=0, every=0):
-    """About n integer steps from `first` to `total`, evenly spaced on a log axis (0 included), and
+def log_steps(total, n=40, every=0):
+    """About n integer steps from 0 to `total`, evenly spaced on a log axis, and
     with every > 0 each multiple of it too (log-spaced steps are far apart late in a long run)."""
     steps = np.unique(np.round(np.geomspace(1, max(total, 1), n)).astype(int)).tolist()
     steps += list(range(every, total, every)) if every else []
-    return sorted({s for s in [0, *steps, total] if first <= s <= total})
+    return sorted({s for s in [0, *steps, total] if s <= total})
 
 
 class Timer:
-    """Wall time per category. Measurements are timed with a device sync at each boundary, so their
-    times are real; training is timed per segment between evaluations (start_training and
-    stop_training, one sync each), so no training step ever waits for the device."""
+    """Wall time per category: measurements with a device sync at each boundary, training per
+    segment between evaluations (one sync each), so no training step waits for the device."""
 
     def __init__(self, device):
         self.device, self.seconds, self.start = device, {}, time.perf_counter()
@@ -827,9 +811,8 @@ class Timer:
         self.evaluations += 1
 
     def heartbeat(self, step, first_step, total, eval_steps=(), every=30.0):
-        """A progress line every `every` seconds between evaluations (log-spaced, so far apart late
-        in a run), with steps/s and the time left: training at the rate so far plus the remaining
-        evaluations at their mean cost so far. One clock read a step, no device sync."""
+        """A progress line every `every` seconds: steps/s and the time left (training at the rate so
+        far, the remaining evaluations at their mean cost). One clock read a step, no sync."""
         now = time.perf_counter()
         if now - self.last_beat < every:
             return
@@ -854,8 +837,7 @@ class Timer:
 # ----------------------------------------------------------------------------- configuration, entry point
 def cli(main, config_class, argv=None):
     """A script's entry point: parse the config, run main, and end what cannot be checked up front
-    (Ctrl-C, out of memory, a full disk) with one line that names the cause and how to go on; the
-    metrics already logged stay intact (they are flushed at every evaluation)."""
+    (Ctrl-C, out of memory, a full disk) in one line that says how to go on; what was logged stays."""
     cfg = parse_config(config_class, argv)
     go_on = f"python {Path(sys.argv[0]).name} --out {cfg.out} --resume"
     try:
@@ -1018,12 +1000,10 @@ _LOCKS = []  # open lock files: held for the life of the process
 def start_run(out, config, device, notes=None):
     """Claims the run folder and records the run; returns (run, checkpoint state or None).
 
-    A lock (run/.lock, released when the process ends, even when killed) refuses a second process
-    on the same folder. A folder with a checkpoint holds a run: without --resume it is refused, with
-    it the run continues (config.json keeps the original config and gains a "resumed" entry).
-    A folder without a checkpoint (a run that stopped before its first checkpoint) starts from
-    step 0, with or without --resume; the stopped attempt's metrics are kept as metrics.failed.jsonl.
-    notes: extra facts for config.json (e.g. radii converted to pixel units)."""
+    A lock (run/.lock, released when the process ends) refuses a second process. A folder with a
+    checkpoint is refused without --resume and continued with it (config.json keeps the original
+    config and gains a "resumed" entry); a folder without one starts from step 0, the stopped
+    attempt's metrics kept as metrics.failed.jsonl. notes: more facts for config.json."""
     run = Path(out)
     has_checkpoint = (run / "checkpoint.pt").exists()
     if has_checkpoint and not config.resume:
@@ -1165,8 +1145,8 @@ def to_bytes(obj):
 
 
 def save_checkpoint(run, model, optimizer, step, generators):
-    """Model, optimiser, step, the config and every RNG state (the global ones and the named
-    generators, e.g. the batches'), written atomically (tmp file, then rename)."""
+    """Model, optimiser, step, the config and every RNG state (global and the named generators),
+    written atomically."""
     try:  # the experiment as config.json states it, so a resume can tell whether that file was edited
         config = json.loads((Path(run) / "config.json").read_text())["config"]
     except (OSError, ValueError, KeyError):
@@ -1178,8 +1158,8 @@ def save_checkpoint(run, model, optimizer, step, generators):
 
 
 def read_checkpoint(run, steps):
-    """The checkpoint of run (weights_only=True: loading runs no code); a damaged file or one past
-    --steps ends the program with one line."""
+    """The checkpoint (weights_only: loading runs no code); a damaged one or one past --steps ends
+    the program in one line."""
     path = Path(run) / "checkpoint.pt"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -1192,8 +1172,8 @@ def read_checkpoint(run, steps):
 
 
 def restore(run, state, model, optimizer, generators):
-    """Loads a checkpoint read by start_run into the model, optimiser and RNGs, drops the records
-    logged after it (they will be redone) and returns its step; 0 for a new run (state None)."""
+    """Loads a checkpoint into the model, optimiser and RNGs, drops the records logged after it
+    (they are redone) and returns its step; 0 for a new run (state None)."""
     if state is None:
         return 0
     try:
@@ -1213,11 +1193,9 @@ def restore(run, state, model, optimizer, generators):
 
 
 def onset_summary(records):
-    """Grokking onsets from the logged records: the first step where train accuracy reaches 99%
-    (interpolation), then, searching from that step on, the first step where test accuracy and
-    each PGD accuracy reach 99% of their final value, and the delays between them. (Searching
-    after interpolation skips the transient early in training when a weak model is briefly
-    "robust".) Without interpolation the search starts at step 0. Plus LC at init, min, max, end."""
+    """Grokking onsets: the first step with train accuracy >= 99% (the fit), then, searching from
+    it (a weak model is briefly "robust" early on), the first step where test accuracy and each
+    PGD accuracy reach 99% of their final value, and the delays. Plus LC at init, min, max, end."""
     if not records:
         return {}
     fit = next((r["step"] for r in records if (r.get("train_acc") or 0) >= 0.99), None)
@@ -1271,9 +1249,8 @@ PANELS = [  # (title, which keys, y-axis label)
 
 
 def _style(key, keys):
-    """The PGD panel: one colour per eps, solid for the default attack, dashed for ce32; the
-    zero-gradient fraction dotted black. Rank panels: layers coloured from first (dark) to last
-    (yellow), so a deep network's layers stay apart."""
+    """PGD: a colour per eps, solid the default attack, dashed ce32; zero-gradient fraction dotted
+    black. Rank: layers coloured first (dark) to last (yellow)."""
     if key == "zero_grad_frac":
         return {"color": "black", "ls": ":"}
     if key.startswith(("rank_", "erank_")):
@@ -1296,9 +1273,8 @@ def _label(key):
 
 
 def plot_run(run, path=None):
-    """Every logged metric against training step on a log axis, one panel per group, into
-    run/metrics.png (LC with its 99% CI band). Works on any run folder, also while the run goes on
-    (`python tools/runs.py redraw RUN`). Returns the panel titles."""
+    """Every logged metric against the step on a log axis, one panel per group of PANELS, into
+    run/metrics.png (LC with its 99% CI band); also while the run goes on. Returns the panel titles."""
     records = read_metrics(run)
     if not records:
         die(f"no metrics in {run}/metrics.jsonl to plot")
@@ -1385,9 +1361,8 @@ def radius_units(run):
 # ==================== PART 3 of 3, DATA: the loaders, each refusing malformed files in one line
 # ----------------------------------------------------------------------------- MNIST, Fashion-MNIST, CIFAR-10
 def check_data(source, x_train, y_train, x_test, y_test, image_shape, n_classes):
-    """Refuses, naming the source, data the scripts would silently misuse: images of another shape
-    or dtype (float images would be divided by 255 twice), labels that are not 1-D integers in
-    0..C-1, counts that differ between images and labels, an empty split."""
+    """Refuses, naming the source, data the scripts would misuse: another image shape or dtype,
+    labels not 1-D integers in 0..C-1, image and label counts that differ, an empty split."""
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if tuple(x.shape[1:]) != tuple(image_shape):
             die(f"{source}: {split} images must be {'x'.join(map(str, image_shape))} each, got {tuple(x.shape[1:])}")
@@ -1447,10 +1422,9 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 
 
 def load_mnist(data_dir, dataset="mnist", download=True):
-    """(x_train, y_train, x_test, y_test): uint8 images (N, 28, 28) and int64 labels, checked.
-    data_dir is an .npz (x_train, y_train, x_test, y_test), a folder holding the four IDX files, or
-    torchvision's root, holding <data_dir>/MNIST/raw/ (FashionMNIST/raw/) with them; plain or .gz as
-    distributed; missing files are downloaded through torchvision when download is true."""
+    """(x_train, y_train, x_test, y_test): uint8 images (N, 28, 28) and int64 labels, checked, from
+    an .npz, a folder with the four IDX files, or torchvision's root (<data_dir>/MNIST/raw/ or
+    FashionMNIST/raw/), plain or .gz; downloaded through torchvision when missing and allowed."""
     path = Path(data_dir)
     if path.suffix == ".npz":
         arrays, source = load_npz(path), path
@@ -1489,9 +1463,8 @@ def load_mnist(data_dir, dataset="mnist", download=True):
 
 def load_cifar10(data_dir, download=True):
     """(x_train, y_train, x_test, y_test): uint8 NHWC images and int64 labels, checked, from an
-    .npz (x_train, y_train, x_test, y_test), a folder of class folders (train/<class>/*.png|jpg and
-    test/ or val/: load_image_folders) or torchvision's root <data_dir>/cifar-10-batches-py/
-    (downloaded there when missing and download is true)."""
+    .npz, a folder of class folders (load_image_folders) or torchvision's root
+    <data_dir>/cifar-10-batches-py/ (downloaded there when missing and allowed)."""
     path = Path(data_dir)
     if path.suffix == ".npz":
         arrays, source = load_npz(path), path
@@ -1520,13 +1493,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".ti
 
 def load_image_folders(root, resolution, resize=False):
     """(x_train, y_train, x_test, y_test): uint8 NCHW RGB images and int64 labels from
-    root/train/<class>/* and root/test/<class>/* (or val/), labels from the sorted class names
-    (CIFAR-10's order for its class folders). resize=False: every image must be resolution px square
-    (CIFAR-10); True: resized and centre-cropped to it (Imagenette). Decoded once, then cached in
-    root/tensors_<res>px_<key>.pt, where key hashes the mode and every file's path, size and
-    modification time (a changed folder gets a new cache); written atomically, a damaged cache is
-    decoded again, a read-only folder every time. A missing split, a class missing from a split, a
-    file that is not an image or of the wrong size ends the program with one line naming it."""
+    root/train/<class>/* and root/test/<class>/* (or val/), labels from the sorted class names.
+    resize=False: every image must be resolution px square (CIFAR-10); True: resized and
+    centre-cropped to it (Imagenette). Decoded once, then cached in root/tensors_<res>px_<key>.pt,
+    key hashing the mode and every file's path, size and time (a changed folder gets a new cache).
+    A missing split or class, a non-image or a wrong size ends the program in one line naming it."""
     root = Path(root)
     test_split = next((s for s in ("test", "val") if (root / s).is_dir()), None)
     if not (root / "train").is_dir() or test_split is None:

@@ -53,6 +53,10 @@ import common
 DEFAULT_NORMALISATION = {"imagenette": "imagenet", "cifar10": "cifar10_authors"}
 
 
+# ----------------------------------------------------------------------- yours to change: the setting
+# The experiment is Config, make_model, the loss and the training step in main's loop: change them
+# freely (a new Config field becomes a --flag). Keep the rest of main (the run folder, the fixed
+# measurement points, the evaluation steps): it is what makes the numbers comparable.
 @dataclasses.dataclass
 class Config:
     dataset: str = "imagenette"  # imagenette (Fig. 6c) or cifar10 (Fig. 1; its defaults are in PRESETS)
@@ -218,6 +222,12 @@ def main(cfg):
     print(f"{run}: {cfg.arch} ResNet18, {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} "
           f"train images of {n_classes} classes at {cfg.resolution} px, device {device}")
 
+    # Each evaluation step logs train/test accuracy and loss, and through common.measure:
+    #   LC at train, test, random and decision-boundary points   common.local_complexity
+    #   feature rank and effective rank of every ReLU layer       common.layer_ranks
+    #   weight norm                                               common.weight_norm
+    #   PGD accuracy: the toolkit's attack and the papers'        common.pgd_accuracy (loss "log1m", "ce32")
+    #   logit margins and the zero-gradient fraction              common.logit_margins, zero_grad_fraction
     batch_loss_max = torch.zeros((), device=device)  # the worst batch between evaluations: loss spikes
     timer.start_training()  # no host-device sync inside this loop: the evaluations sync once each
     for step in range(start, cfg.steps + 1):

@@ -30,6 +30,10 @@ import torch.nn.functional as F
 import common
 
 
+# ----------------------------------------------------------------------- yours to change: the setting
+# The experiment is Config, make_model, the loss and the training step in main's loop: change them
+# freely (a new Config field becomes a --flag). Keep the rest of main (the run folder, the fixed
+# measurement points, the evaluation steps): it is what makes the numbers comparable.
 @dataclasses.dataclass
 class Config:
     dataset: str = "mnist"  # mnist or fashion-mnist (same format, same code)
@@ -118,6 +122,12 @@ def main(cfg):
     print(f"{run}: {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} {cfg.dataset} "
           f"train images, {len(x_test)} test images, device {device}")
 
+    # Each evaluation step logs train/test accuracy and loss, and through common.measure:
+    #   LC at train, test, random and decision-boundary points   common.local_complexity
+    #   feature rank and effective rank of every ReLU layer       common.layer_ranks
+    #   weight norm                                               common.weight_norm
+    #   PGD accuracy: the toolkit's attack and the papers'        common.pgd_accuracy (loss "log1m", "ce32")
+    #   logit margins and the zero-gradient fraction              common.logit_margins, zero_grad_fraction
     batch_loss_max = torch.zeros((), device=device)  # the worst batch between evaluations: loss spikes
     timer.start_training()  # no host-device sync inside this loop: the evaluations sync once each
     for step in range(start, cfg.steps + 1):
