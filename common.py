@@ -908,6 +908,11 @@ def parse_config(cls, argv=None):
             parser.add_argument(flag, type=kind, choices=getattr(cls, "CHOICES", {}).get(f.name), help=text)
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(parser.parse_args(argv)).items()}
     values = {**defaults, **given}
+    for (field, value), preset in getattr(cls, "PRESETS", {}).items():  # a data set's own defaults, then --quick's
+        if values[field] == value:
+            values.update({k: v for k, v in preset.items() if k not in given})
+    if values.get("quick") and "out" not in given:  # a quick run never takes the real run's folder
+        values["out"] = values["out"].rstrip("/") + "_quick"
     out, stored_path = Path(values["out"]), Path(values["out"]) / "config.json"
     if values["resume"] and not stored_path.exists():
         if (out / "checkpoint.pt").exists():
@@ -936,10 +941,6 @@ def parse_config(cls, argv=None):
                 changed) + " (given: " + ", ".join(f"{given[k]}" for k in changed) + "); these define the experiment "
                 f"and cannot change on resume (only {', '.join(NOT_THE_EXPERIMENT)} can): drop them, or start a new --out")
         values = {**values, **stored, **given}
-    else:  # presets (a data set's own defaults, then --quick) fill the fields not given
-        for (field, value), preset in getattr(cls, "PRESETS", {}).items():
-            if values[field] == value:
-                values.update({k: v for k, v in preset.items() if k not in given})
     return cls(**values)
 
 

@@ -1,7 +1,6 @@
-"""Run folder, metrics, plot, onset summary, log-spaced steps; the partition picture."""
-import itertools
+"""The run folder: metrics.jsonl (strict JSON, a half-written line), metrics.csv and metrics.png,
+log-spaced steps, the onsets of summary.json, decision-boundary points."""
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -9,10 +8,6 @@ import torch
 import torch.nn as nn
 
 import common
-from test_scripts import REPO, run_script
-
-sys.path.insert(0, str(REPO / "tools"))
-import runs as runs_tool  # noqa: E402
 
 
 def test_log_steps_are_log_spaced_and_include_both_ends():
@@ -78,45 +73,6 @@ def test_onset_summary_finds_the_steps():
     assert (s["lc_train_init"], s["lc_train_min"], s["lc_train_max"], s["lc_train_end"]) == (5.0, 0.5, 6.0, 0.5)
 
 
-def arrangement_regions(w, b, lo, hi):
-    """Closed form for lines in general position: regions of the arrangement inside the square
-    [lo, hi]^2 = 1 + (lines crossing it) + (pairwise intersections inside it)  (Euler's formula)."""
-    corners = np.array(list(itertools.product([lo, hi], repeat=2)))
-    vals = corners @ w.T + b
-    crossing = [(vals[:, i].min() < 0 < vals[:, i].max()) for i in range(len(b))]
-    inside = 0
-    for i, j in itertools.combinations(range(len(b)), 2):
-        p = np.linalg.solve(w[[i, j]], -b[[i, j]])
-        inside += bool(((p > lo) & (p < hi)).all())
-    return 1 + sum(crossing) + inside
-
-
-def test_partition_region_count_matches_the_line_arrangement(tmp_path):
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 3))
-    anchors = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # the plane's coordinates are the inputs
-    w, b = model[0].weight.detach().double().numpy(), model[0].bias.detach().double().numpy()
-    expected = arrangement_regions(w, b, -2.0, 3.0)
-    found = common.partition_picture(model, anchors, tmp_path / "p.png", resolution=1000, margin=2.0)
-    assert expected > 8 and found == expected
-    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_region_ids_do_not_depend_on_batch_size():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 3))
-    points = torch.randn(999, 5)
-    ids_a, cls_a, _ = common.region_ids(model, points, (5,), batch_size=4096)
-    ids_b, cls_b, _ = common.region_ids(model, points, (5,), batch_size=37)
-    assert torch.equal(ids_a, ids_b) and torch.equal(cls_a, cls_b)
-    # and two points share an id exactly when their sign patterns agree
-    pre1 = points @ model[0].weight.T + model[0].bias
-    pre2 = pre1.clamp(min=0) @ model[2].weight.T + model[2].bias
-    patterns = torch.cat([pre1 > 0, pre2 > 0], 1)
-    _, expected = torch.unique(patterns, dim=0, return_inverse=True)
-    assert torch.equal(ids_a[:, None] == ids_a[None], expected[:, None] == expected[None])
-
-
 def test_boundary_points_lie_between_two_classes():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -148,44 +104,6 @@ def test_metrics_are_strict_json_and_nan_is_null(tmp_path):
     common.plot_run(tmp_path)  # nulls are skipped, not drawn
 
 
-def test_boundary_density_counts_the_lines_between_neighbouring_grid_points():
-    # one hidden layer in 2D: between two grid points, exactly the neurons whose line separates them flip
-    torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(2, 7), nn.ReLU(), nn.Linear(7, 3))
-    n = 60
-    ticks = np.linspace(-1.0, 2.0, n)
-    b, a = np.meshgrid(ticks, ticks, indexing="ij")
-    points = torch.tensor(np.stack([a.ravel(), b.ravel()], 1), dtype=torch.float32)
-    w, bias = model[0].weight.detach().double().numpy(), model[0].bias.detach().double().numpy()
-    signs = (points.double().numpy() @ w.T + bias > 0).reshape(n, n, -1)
-    expected = np.zeros((n, n), int)
-    expected[:, :-1] += (signs[:, 1:] != signs[:, :-1]).sum(2)
-    expected[1:] += (signs[1:] != signs[:-1]).sum(2)
-    for batch in (37, 10_000):  # whole rows per batch, whatever is asked
-        _, _, flips = common.region_ids(model, points, (2,), batch_size=batch, row=n)
-        np.testing.assert_array_equal(flips.reshape(n, n).numpy(), expected)
-    assert expected.sum() > 2 * n  # several lines cross the grid
-
-
-def test_compare_draws_seeds_and_tabulates_their_spread(tmp_path):
-    for seed, (fit, final) in enumerate([(10, 0.8), (20, 0.9), (30, 1.0)]):
-        run = tmp_path / f"seed{seed}"
-        run.mkdir()
-        for step, tr, te in [(0, 0.1, 0.1), (fit, 1.0, final / 2), (100, 1.0, final)]:
-            common.log_metrics(run, {"step": step, "train_acc": tr, "test_acc": te, "lc_train": 3.0 + seed})
-    table = runs_tool.compare_runs([tmp_path / f"seed{i}" for i in range(3)], tmp_path / "fig.png", at=[90], keys=["lc_train"])
-    assert "| lc_train at ~90 (step 100) | 3 | 4 | 5 | 4 | 3 - 5 |" in table  # the logged step nearest 90
-    assert "| train_acc_99_step | 10 | 20 | 30 | 20 | 10 - 30 |" in table
-    assert "| test_acc_final | 0.8 | 0.9 | 1 | 0.9 | 0.8 - 1 |" in table
-    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_anchor_points_take_three_classes_or_the_first_three_inputs():
-    x = torch.arange(6.0).reshape(6, 1)
-    assert common.anchor_points(x, torch.tensor([2, 2, 0, 1, 1, 0])).flatten().tolist() == [2.0, 3.0, 0.0]
-    assert common.anchor_points(x, torch.tensor([1, 1, 0, 0, 1, 0])).flatten().tolist() == [0.0, 1.0, 2.0]
-
-
 def test_plots_leave_a_notebooks_backend_and_figures_alone(tmp_path):
     import matplotlib
     import matplotlib.pyplot as plt
@@ -208,28 +126,3 @@ def test_plots_leave_a_notebooks_backend_and_figures_alone(tmp_path):
         matplotlib.use(old)
 
 
-def _fake_run(folder, script, config, test_accs):
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"config": config, "script": script, "command": f"python {script}"}))
-    for step, acc in zip((0, 10, 100), test_accs):
-        common.log_metrics(folder, {"step": step, "train_acc": 1.0, "test_acc": acc})
-
-
-def test_compare_groups_a_sweep_by_the_fields_that_differ_and_refuses_mixed_experiments(tmp_path):
-    runs = []
-    for wd, base in ((0.1, 0.5), (1.0, 0.8)):
-        for seed in (0, 1):
-            folder = tmp_path / f"wd{wd}_s{seed}"
-            _fake_run(folder, "exp_mnist_mlp.py", {"weight_decay": wd, "seed": seed, "out": str(folder), "lr": 1e-3},
-                      (0.1, base, base + 0.1 * seed))
-            runs.append(folder)
-    groups = runs_tool.run_groups(runs)
-    assert groups == {"weight_decay=0.1": runs[:2], "weight_decay=1.0": runs[2:]}
-    table = runs_tool.compare_runs(runs, tmp_path / "fig.png")
-    assert "| setting | weight_decay=0.1 | weight_decay=0.1 | weight_decay=1.0 | weight_decay=1.0 | - | - | - | - |" in table
-    assert "| test_acc_final | 0.5 | 0.6 | 0.8 | 0.9 | 0.55 | 0.5 - 0.6 | 0.85 | 0.8 - 0.9 |" in table
-    other = tmp_path / "modular"
-    _fake_run(other, "exp_modular_arith.py", {"weight_decay": 1.0, "seed": 0}, (0.1, 0.5, 1.0))
-    for bad, message in (([runs[0], other], "different scripts"), ([runs[0], runs[0]], "given twice")):
-        proc = run_script("tools/runs.py", "compare", *bad, "--out", tmp_path / "x.png", ok=False)
-        assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "x.png").exists()

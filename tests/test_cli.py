@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from test_scripts import ENV, REPO, records, run_script
+from conftest import ENV, REPO, records, run_script
 
 MODULAR_QUICK = ["--quick", "--steps", "200"]
 
@@ -103,3 +103,15 @@ def test_a_test_set_only_copy_gets_the_split_command_which_works(tmp_path, mnist
     x_all = common.read_idx(only_test / "t10k-images-idx3-ubyte")
     assert len(x_train) == 60 and len(x_test) == len(x_all) - 60
     assert (x_train == x_all[:60]).all() and (x_test == x_all[60:]).all()
+
+
+def test_quick_runs_get_their_own_default_folder():
+    sys.path.insert(0, str(REPO))
+    import common
+    import exp_imagenette_resnet
+    import exp_modular_arith
+    assert common.parse_config(exp_modular_arith.Config, []).out == "runs/modular_arith"
+    assert common.parse_config(exp_modular_arith.Config, ["--quick"]).out == "runs/modular_arith_quick"
+    assert common.parse_config(exp_modular_arith.Config, ["--quick", "--out", "mine"]).out == "mine"
+    cifar = common.parse_config(exp_imagenette_resnet.Config, ["--dataset", "cifar10", "--quick"])
+    assert cifar.out == "runs/cifar10_resnet_quick" and cifar.resolution == 16  # both presets, then the suffix

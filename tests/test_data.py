@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 import common
-from test_reliability import refused
-from test_scripts import run_script
+from conftest import refused
+from conftest import run_script
 
 CLASSES = ("truck", "airplane", "cat")  # written unsorted: labels follow the sorted names
 

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from test_pgd import trained_mlp
+from conftest import trained_mlp
 
 
 class Scaled(nn.Module):
@@ -85,7 +85,7 @@ def test_ce32_equals_a_float32_reference_step_by_step(steps):
 def test_ce32_scores_the_last_iterate():
     # the band model: from 0.2 with steps of 0.25, 0.45 is fooled and 0.70 is not: the papers'
     # attack counts the point as robust, the default attack as fooled
-    from test_pgd import band_model
+    from conftest import band_model
     model, x, y = band_model(), torch.tensor([[0.2]]), torch.tensor([0])
     kwargs = dict(eps=1.0, alpha=0.25, steps=2, random_start=False)
     assert common.pgd_accuracy(model, x, y, loss="ce32", **kwargs) == 1.0

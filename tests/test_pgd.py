@@ -1,27 +1,10 @@
 """pgd_attack and pgd_accuracy: constraints, a closed-form worst case, monotonicity, no side effects."""
-import contextlib
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-
-
-def trained_mlp(seed=0, centres=(0.35, 0.65), spread=0.08, steps=200):
-    """A small MLP fitted to two Gaussian blobs in [0, 1]^10 (accurate and undefended by default;
-    closer blobs leave some points misclassified)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.cat([c + spread * torch.randn(200, 10, generator=g) for c in centres]).clamp(0, 1)
-    y = torch.cat([torch.zeros(200), torch.ones(200)]).long()
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 2))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model, x, y
+from conftest import band_model, flags_seen_inside, tf32_now, tf32_set_to, trained_mlp
 
 
 def test_stays_in_the_ball_and_the_box():
@@ -138,46 +121,12 @@ def test_random_start_is_uniform_in_the_ball_and_drawn_from_the_generator():
     assert delta.max() <= 1 + 1e-5 and delta.max() > 0.99 and abs(delta.mean().item() - 0.5) < 0.02
 
 
-def band_model():
-    """1-D input; class 1 wins only on the band |x - 0.5| < 0.1 (logit1 - logit0 = 1 - 10 |x - 0.5|)."""
-    model = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 2))
-    with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[1.0], [-1.0]]))
-        model[0].bias.copy_(torch.tensor([-0.5, 0.5]))
-        model[2].weight.copy_(torch.tensor([[10.0, 10.0], [0.0, 0.0]]))
-        model[2].bias.copy_(torch.tensor([0.0, 1.0]))
-    return model
-
-
 def test_the_first_iterate_that_fools_is_kept_not_the_last():
     # from 0.2 with steps of 0.25: 0.45 is inside the band (fooled), 0.70 is past it (not fooled)
     model, x, y = band_model(), torch.tensor([[0.2]]), torch.tensor([0])
     x_adv = common.pgd_attack(model, x, y, eps=1.0, alpha=0.25, steps=2, random_start=False)
     assert torch.allclose(x_adv, torch.tensor([[0.45]]))
     assert common.pgd_accuracy(model, x, y, eps=1.0, alpha=0.25, steps=2, random_start=False) == 0.0
-
-
-def tf32_now():
-    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-
-
-@contextlib.contextmanager
-def tf32_set_to(allowed):
-    """Both TF32 flags set for the test's duration, then restored (written here, not common's)."""
-    old = tf32_now()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def flags_seen_inside(module):
-    """A list that receives the TF32 flags each time module's forward runs: on a CPU the flags
-    change no number, so a test reads them where the layer runs."""
-    seen = []
-    module.register_forward_pre_hook(lambda *_: seen.append(tf32_now()))
-    return seen
 
 
 def test_modes_statistics_and_tf32_left_alone():

@@ -13,7 +13,7 @@ import common
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import precision  # noqa: E402
-from test_pgd import flags_seen_inside, tf32_now, tf32_set_to
+from conftest import flags_seen_inside, tf32_now, tf32_set_to
 
 
 def small_cnn(width=16):

@@ -20,18 +20,9 @@ import exp_deep_mlp_rank
 import exp_imagenette_resnet
 import exp_mnist_mlp
 import exp_modular_arith
-from test_scripts import ENV, REPO, records, run_script
+from conftest import ENV, REPO, records, refused, run_script
 
 SCRIPTS = [exp_modular_arith, exp_mnist_mlp, exp_deep_mlp_rank, exp_cifar_cnn, exp_imagenette_resnet]
-
-
-def refused(proc, message, out=None):
-    """Exit code 2, no traceback, the message on the last line, nothing created."""
-    assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert message in proc.stderr.strip().splitlines()[-1], proc.stderr
-    if out is not None:
-        assert not out.exists()
 
 
 # ------------------------------------------------------------------------ flags

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import common
-from test_reliability import refused
-from test_scripts import ENV, REPO, run_script
+from conftest import refused
+from conftest import ENV, REPO, run_script
 
 QUICK = ["--quick", "--no-download", "--steps", "20"]
 

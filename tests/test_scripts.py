@@ -1,84 +1,11 @@
 """Every script end to end in --quick mode on CPU, through its command line, as a user runs it."""
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def run_script(name, *args, ok=True):
-    """`python <name> --device cpu <args>` (common.py: without --device) as a user types it, run in this process (as `python` would
-    run it: __main__, sys.argv, stdout and stderr captured, warnings printed to stderr, the exit code
-    from SystemExit, a traceback on a crash), which spares an interpreter and a torch import a call.
-    Tests that kill, interrupt or lock need a real process and use subprocess themselves."""
-    import contextlib
-    import io
-    import runpy
-    import traceback
-    import warnings
-    sys.path.insert(0, str(REPO))
-    import common
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = [str(REPO / name), *(["--device", "cpu"] if name.startswith("exp_") else []), *map(str, args)]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-            warnings.resetwarnings()  # a fresh interpreter's filters, not pytest's
-            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
-                warnings.simplefilter("ignore", category)
-            warnings.showwarning = lambda m, c, f, n, file=None, line=None: err.write(warnings.formatwarning(m, c, f, n))
-            try:
-                runpy.run_path(str(REPO / name), run_name="__main__")
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            except Exception:
-                traceback.print_exc(file=err)
-                code = 1
-    finally:
-        sys.argv = argv
-        for lock in common._LOCKS:  # a process's run-folder locks end with it
-            lock.close()
-        common._LOCKS.clear()
-    proc = subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
-    if ok:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
-
-
-def records(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def check_run_folder(run):
-    for name in ("config.json", "metrics.jsonl", "metrics.csv", "metrics.png", "summary.json", "checkpoint.pt",
-                 "partition_init.png", "partition_end.png"):
-        assert (run / name).exists(), name
-    assert (run / "metrics.png").read_bytes()[:4] == b"\x89PNG"
-    recs = records(run)
-    assert recs[0]["step"] == 0 and len(recs) >= 3
-    last = recs[-1]
-    for key in ("train_acc", "test_acc", "train_loss", "test_loss", "lc_train", "lc_test", "lc_random",
-                "rank_1", "erank_1", "weight_norm"):
-        assert key in last and np.isfinite(last[key]), key
-    assert any(k.startswith("pgd_acc_") for k in last)
-    eps_keys = [k.rsplit("_", 1)[1] for k in last if k.startswith("pgd_acc_")]
-    for key in [f"pgd_ce32_acc_{e}" for e in eps_keys] + ["margin_p10", "margin_p50", "margin_p90", "zero_grad_frac",
-                                                         "batch_loss_max"]:
-        assert key in last and np.isfinite(last[key]), key
-    assert last["margin_p10"] <= last["margin_p50"] <= last["margin_p90"]
-    assert 0 <= last["zero_grad_frac"] <= 1
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["time"]["train_s"] > 0 and "measurement_fraction" in summary["time"]
-    assert "train_acc_99_step" in summary
-    config = json.loads((run / "config.json").read_text())
-    assert config["config"]["quick"] is True and config["torch"]
+from conftest import ENV, REPO, check_run_folder, records, run_script
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""common.Probes, what every evaluation measures: a misspelt or missing field is an error, and radii
+"""common.measure and its Probes: a misspelt or missing field is an error, and radii
 given in normalised units reach LC and both attacks multiplied by each channel's std (checked against
 the public functions called with radii and directions scaled by hand)."""
 import types

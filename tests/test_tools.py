@@ -1,0 +1,51 @@
+"""tools/runs.py compare: seeds in a band with their spread in the table, sweeps grouped by the
+fields that differ, mixed experiments and a folder given twice refused (split-mnist: test_cli.py)."""
+import json
+import sys
+
+import common
+from conftest import REPO, run_script
+
+sys.path.insert(0, str(REPO / "tools"))
+import runs as runs_tool  # noqa: E402
+
+
+def test_compare_draws_seeds_and_tabulates_their_spread(tmp_path):
+    for seed, (fit, final) in enumerate([(10, 0.8), (20, 0.9), (30, 1.0)]):
+        run = tmp_path / f"seed{seed}"
+        run.mkdir()
+        for step, tr, te in [(0, 0.1, 0.1), (fit, 1.0, final / 2), (100, 1.0, final)]:
+            common.log_metrics(run, {"step": step, "train_acc": tr, "test_acc": te, "lc_train": 3.0 + seed})
+    table = runs_tool.compare_runs([tmp_path / f"seed{i}" for i in range(3)], tmp_path / "fig.png", at=[90], keys=["lc_train"])
+    assert "| lc_train at ~90 (step 100) | 3 | 4 | 5 | 4 | 3 - 5 |" in table  # the logged step nearest 90
+    assert "| train_acc_99_step | 10 | 20 | 30 | 20 | 10 - 30 |" in table
+    assert "| test_acc_final | 0.8 | 0.9 | 1 | 0.9 | 0.8 - 1 |" in table
+    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _fake_run(folder, script, config, test_accs):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"config": config, "script": script, "command": f"python {script}"}))
+    for step, acc in zip((0, 10, 100), test_accs):
+        common.log_metrics(folder, {"step": step, "train_acc": 1.0, "test_acc": acc})
+
+
+def test_compare_groups_a_sweep_by_the_fields_that_differ_and_refuses_mixed_experiments(tmp_path):
+    runs = []
+    for wd, base in ((0.1, 0.5), (1.0, 0.8)):
+        for seed in (0, 1):
+            folder = tmp_path / f"wd{wd}_s{seed}"
+            _fake_run(folder, "exp_mnist_mlp.py", {"weight_decay": wd, "seed": seed, "out": str(folder), "lr": 1e-3},
+                      (0.1, base, base + 0.1 * seed))
+            runs.append(folder)
+    groups = runs_tool.run_groups(runs)
+    assert groups == {"weight_decay=0.1": runs[:2], "weight_decay=1.0": runs[2:]}
+    table = runs_tool.compare_runs(runs, tmp_path / "fig.png")
+    assert "| setting | weight_decay=0.1 | weight_decay=0.1 | weight_decay=1.0 | weight_decay=1.0 | - | - | - | - |" in table
+    assert "| test_acc_final | 0.5 | 0.6 | 0.8 | 0.9 | 0.55 | 0.5 - 0.6 | 0.85 | 0.8 - 0.9 |" in table
+    other = tmp_path / "modular"
+    _fake_run(other, "exp_modular_arith.py", {"weight_decay": 1.0, "seed": 0}, (0.1, 0.5, 1.0))
+    for bad, message in (([runs[0], other], "different scripts"), ([runs[0], runs[0]], "given twice")):
+        proc = run_script("tools/runs.py", "compare", *bad, "--out", tmp_path / "x.png", ok=False)
+        assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "x.png").exists()
+
