@@ -1193,10 +1193,16 @@ def restore(run, state, model, optimizer, generators):
     return state["step"]
 
 
-def onset_summary(records):
+PLATEAU_TOLERANCE = 0.03  # accuracies within this of the final value count as the same level
+
+
+def onset_summary(records, tol=PLATEAU_TOLERANCE):
     """Grokking onsets: the first step with train accuracy >= 99% (the fit), then, searching from
     it (a weak model is briefly "robust" early on), the first step where test accuracy and each
-    PGD accuracy reach 99% of their final value, and the delays. Plus LC at init, min, max, end."""
+    PGD accuracy reach 99% of their final value, and the delays. An onset needs a plateau: the last
+    three evaluations within tol of the final value, and a final value above the curve's lowest by
+    more than tol; otherwise onset and delay are None and <key>_no_onset says why: "no_rise" or
+    "still_rising" (or "not_settled" when the end falls or swings). Plus LC at init, min, max, end."""
     if not records:
         return {}
     fit = next((r["step"] for r in records if (r.get("train_acc") or 0) >= 0.99), None)
@@ -1205,10 +1211,16 @@ def onset_summary(records):
     out = {"train_acc_99_step": fit}
     for key in [k for k in last if k == "test_acc" or k.startswith(("pgd_acc", "pgd_ce32_acc"))]:
         out[f"{key}_final"] = last[key]
-        if last[key] is None:
+        values = [r[key] for r in after if r.get(key) is not None]
+        if last[key] is None or not values:
             continue
-        onset = next((r["step"] for r in after if r.get(key) is not None and r[key] >= 0.99 * last[key]), None)
-        onset = onset if last[key] > 0 else None  # nothing rose
+        tail = values[-3:]
+        if last[key] <= min(r[key] for r in records if r.get(key) is not None) + tol:
+            out[f"{key}_no_onset"] = "no_rise"
+        elif any(abs(v - last[key]) > tol for v in tail):
+            out[f"{key}_no_onset"] = "still_rising" if tail[0] < last[key] - tol else "not_settled"
+        onset = None if f"{key}_no_onset" in out else next(
+            r["step"] for r in after if r.get(key) is not None and r[key] >= 0.99 * last[key])
         out[f"{key}_99pct_of_final_step"] = onset
         if onset is not None and fit is not None:
             out[f"{key}_delay_steps"] = onset - fit

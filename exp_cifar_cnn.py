@@ -18,18 +18,17 @@ the zero-gradient fraction.
 
     python exp_cifar_cnn.py                                    # 2.6e5 steps on the full CIFAR-10
     python exp_cifar_cnn.py --quick                            # seconds, the same code path
-    # CPU stand-in (RESULTS.md), on the 10k-image subset of real CIFAR-10 images in a .npz, with
-    # measurement sizes that keep evaluations to about a quarter of the run: 32 minutes on a third of
-    # a 2-core CPU (2.7 steps/s while sharing it; 10-15 steps/s on a free core, so ~10 minutes):
-    python exp_cifar_cnn.py --data-dir ../shared/data/cifar10_subset.npz --train-size 2000 --steps 4000 \
-        --evals 12 --lc-points 64 --lc-directions 10 --pgd-points 128 --rank-points 128 --partition-resolution 40
+    # on a CPU (RESULTS.md 4a): one thread, compiled, measurement sizes that keep evaluations to ~15%
+    OMP_NUM_THREADS=1 python exp_cifar_cnn.py --data-dir data/cifar10_jpeg --compile --evals 16 \
+        --train-eval-points 10000 --pgd-points 512 --lc-points 256 --rank-points 1024
 
 Data: --data-dir is torchvision's root (<data-dir>/cifar-10-batches-py/, downloaded there unless
 --no-download), a folder of class folders (train/<class>/*.png or .jpg and test/<class>/ or val/;
 labels from the sorted class names, CIFAR-10's order; decoded once and cached beside them), or an
 .npz file with x_train, y_train, x_test, y_test (uint8, N x 32 x 32 x 3).
-Hardware and time: the full 2.6e5 steps need a GPU (not timed yet: no GPU was available; the
-GPU suite, benchmarks/paper_suite.py, times it); a CPU runs 10-20 steps/s.
+Hardware and time: a GPU should run the 2.6e5 steps in minutes (not timed yet; benchmarks/paper_suite.py
+times it). One CPU core trains 12 steps/s compiled (benchmarks/README.md), so the CPU command
+above takes about 7 hours with its ~40 evaluations of ~90 s each.
 The plot should show train accuracy at 100% by a few thousand steps, and PGD accuracy rising
 long after it while the train LC falls.
 """

@@ -64,7 +64,8 @@ def test_half_written_last_line_is_skipped_with_a_warning(tmp_path):
 def test_onset_summary_finds_the_steps():
     records = [{"step": s, "train_acc": tr, "test_acc": te, "pgd_acc_0.1": pg, "lc_train": lc}
                for s, tr, te, pg, lc in [(0, 0.1, 0.1, 0.7, 5.0), (10, 0.995, 0.2, 0.0, 2.0), (100, 1.0, 0.5, 0.1, 6.0),
-                                         (1000, 1.0, 0.9, 0.3, 1.0), (5000, 1.0, 0.9, 0.6, 0.5)]]
+                                         (1000, 1.0, 0.9, 0.3, 1.0), (5000, 1.0, 0.9, 0.6, 0.5),
+                                         (7000, 1.0, 0.9, 0.6, 0.5), (9000, 1.0, 0.9, 0.6, 0.5)]]
     s = common.onset_summary(records)
     assert s["train_acc_99_step"] == 10
     assert s["test_acc_99pct_of_final_step"] == 1000 and s["test_acc_delay_steps"] == 990
@@ -90,10 +91,27 @@ def test_onset_thresholds_are_inclusive_and_searched_from_the_fit_step():
     final = 0.5
     records = [{"step": 0, "train_acc": 0.5, "test_acc": 0.1},
                {"step": 10, "train_acc": 0.99, "test_acc": 0.99 * final},  # exactly at both thresholds
-               {"step": 20, "train_acc": 1.0, "test_acc": final}]
+               {"step": 20, "train_acc": 1.0, "test_acc": final}, {"step": 30, "train_acc": 1.0, "test_acc": final},
+               {"step": 40, "train_acc": 1.0, "test_acc": final}]
     s = common.onset_summary(records)
     assert s["train_acc_99_step"] == 10
     assert s["test_acc_99pct_of_final_step"] == 10 and s["test_acc_delay_steps"] == 0
+
+
+@pytest.mark.parametrize("curve, onset, why", [
+    ([0.1, 0.1, 0.2, 0.9, 0.95, 0.96, 0.95], 400, None),  # grokked: a plateau at 0.95
+    ([0.1, 0.11, 0.1, 0.12, 0.11, 0.1, 0.12], None, "no_rise"),  # never left its fit-time level
+    ([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], None, "no_rise"),  # stays at 0
+    ([0.1, 0.1, 0.12, 0.15, 0.18, 0.21, 0.235], None, "still_rising"),  # modular arithmetic at wd 0.1
+    ([0.1, 0.1, 0.3, 0.8, 0.82, 0.79, 0.81], 400, None),  # a noisy plateau (0.8 < 99% of 0.81)
+    ([0.1, 0.1, 0.3, 0.9, 0.9, 0.6, 0.5], None, "not_settled"),  # fell at the end
+])
+def test_onsets_need_a_plateau_above_the_curves_lowest_level(curve, onset, why):
+    steps = [0, 100, 200, 300, 400, 500, 600]
+    records = [{"step": s, "train_acc": 1.0 if s >= 100 else 0.5, "test_acc": v} for s, v in zip(steps, curve)]
+    s = common.onset_summary(records)
+    assert s["test_acc_99pct_of_final_step"] == onset and s.get("test_acc_no_onset") == why
+    assert s.get("test_acc_delay_steps") == (None if onset is None else onset - 100)
 
 
 def test_metrics_are_strict_json_and_nan_is_null(tmp_path):

@@ -108,7 +108,8 @@ def compare_runs(folders, path, at=(), keys=()):
         label_of = {f: label for label, members in groups.items() for f in members}
         lines.append("| setting | " + " | ".join(label_of[f] for f in folders) + " | -" * (2 * len(heads)) + " |")
     for key in dict.fromkeys(k for s in summaries.values() for k in s):
-        cells = ["-" if summaries[f].get(key) is None else f"{summaries[f][key]:.4g}" for f in folders]
+        cells = ["-" if summaries[f].get(key) is None else summaries[f][key] if isinstance(summaries[f][key], str)
+                 else f"{summaries[f][key]:.4g}" for f in folders]
         for members in several.values():
             known = [summaries[f].get(key) for f in members if isinstance(summaries[f].get(key), (int, float))]
             cells.append(f"{np.mean(known):.4g} | {min(known):.4g} - {max(known):.4g}" if known else "- | -")
