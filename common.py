@@ -131,10 +131,14 @@ def _check_points(x, where):
         raise ValueError(f"{where}: inputs contain NaN or infinite values")
 
 
-def _as_labels(y):
-    """Class labels of any integer dtype as int64 (one_hot, gather and cross_entropy need it)."""
+def _as_labels(y, n=None):
+    """Class labels of any integer dtype as int64 (one_hot, gather and cross_entropy need it), one
+    per example: shape (n,)."""
     if y.is_floating_point() or y.dtype == torch.bool:
         raise ValueError(f"labels must be integers, got {y.dtype}")
+    if y.dim() != 1 or (n is not None and len(y) != n):
+        raise ValueError(f"labels must have shape ({n if n is not None else 'N'},), one per input, got {tuple(y.shape)}"
+                         + (" (flatten them: y.view(-1))" if y.numel() == (n or y.numel()) else ""))
     return y.long()
 
 
@@ -168,6 +172,9 @@ def local_complexity(model, x, radius, directions, batch_size=64, zero_is_a_sign
     as the authors' code on a GPU), in eval mode, without gradients; the model and the global RNG
     are unchanged. Refuses (ValueError) non-floating or non-finite inputs and a bad radius."""
     _check_points(x, "local_complexity")
+    if x.abs().max() > 10:
+        warnings.warn(f"local_complexity: inputs reach {x.abs().max().item():g}; the radius is in the inputs' units, so "
+                      "images in 0..255 need x / 255 (or a radius 255x larger)", stacklevel=2)
     if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
         raise ValueError(f"local_complexity: radius must be a finite number > 0, got {radius}")
     if isinstance(directions, int):
@@ -322,10 +329,14 @@ def weight_norm(model):
 PGD_LOSSES = ("log1m", "ce32")
 
 
-def _check_radius(name, value):
+def _check_radius(name, value, lo, hi):
     t = torch.as_tensor(value, dtype=torch.float64)
     if torch.isnan(t).any() or (t < 0).any():
         raise ValueError(f"{name} must be a number >= 0 (not NaN), got {value}")
+    width = (torch.as_tensor(hi, dtype=torch.float64) - torch.as_tensor(lo, dtype=torch.float64)).cpu()
+    if (t.cpu() >= width).any():
+        raise ValueError(f"{name} {value} is at or above the width of the input box [lo, hi] ({width.min().item():g}): "
+                         f"the attack could reach any input; for 8 of 255 grey levels give 8/255")
 
 
 def pgd_attack(model, x, y, eps, alpha, steps, random_start=True, restarts=1, lo=0.0, hi=1.0,
@@ -351,10 +362,13 @@ def pgd_attack(model, x, y, eps, alpha, steps, random_start=True, restarts=1, lo
     if loss not in PGD_LOSSES:
         raise ValueError(f"loss must be one of {PGD_LOSSES}, got {loss!r}")
     _check_points(x, "pgd_attack")
-    _check_radius("eps", eps)
-    _check_radius("alpha", alpha)
-    y = _as_labels(y)
+    _check_radius("eps", eps, lo, hi)
+    _check_radius("alpha", alpha, lo, hi)
+    y = _as_labels(y, len(x))
     eps, alpha, lo, hi = (torch.as_tensor(t, dtype=x.dtype, device=x.device) for t in (eps, alpha, lo, hi))
+    if (x < lo - 1e-5).any() or (x > hi + 1e-5).any():  # (a box computed from mean/std rounds)
+        raise ValueError(f"pgd_attack: inputs lie outside the box the attack clamps to ({x.min().item():g}..{x.max().item():g}"
+                         f" against lo..hi); scale images to [0, 1] (x / 255) or pass lo and hi")
     if not eps.any():
         return x.clone()
     best = x.clone()
@@ -394,7 +408,7 @@ def pgd_accuracy(model, x, y, eps, alpha, steps, batch_size=None, loss="log1m", 
     """Fraction of examples still classified correctly after pgd_attack. Batches of 1024 for
     "log1m" (per example) and 2048 for "ce32" (the batch mean scales every gradient: the authors')."""
     batch_size = batch_size or (2048 if loss == "ce32" else 1024)
-    correct = 0
+    y, correct = _as_labels(y, len(x)), 0
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], _as_labels(y[i:i + batch_size])
         x_adv = pgd_attack(model, xb, yb, eps, alpha, steps, loss=loss, **kwargs)
@@ -406,7 +420,7 @@ def pgd_accuracy(model, x, y, eps, alpha, steps, batch_size=None, loss="log1m", 
 def logit_margins(model, x, y, batch_size=1024):
     """z_y - max_{j != y} z_j per example (float64, on the CPU): > 0 where the model is right.
     Multiplying the logits by k multiplies the margins by k."""
-    y = _as_labels(y)
+    y = _as_labels(y, len(x))
     out = []
     with torch.no_grad(), eval_mode(model), exact_float32():
         for i in range(0, len(x), batch_size):
@@ -419,7 +433,7 @@ def logit_margins(model, x, y, batch_size=1024):
 def zero_grad_fraction(model, x, y, batch_size=2048):
     """Fraction of examples whose input gradient of the float32 cross-entropy (batch mean, as the
     papers' attack) is exactly zero at the clean point: points that attack cannot move."""
-    y = _as_labels(y)
+    y = _as_labels(y, len(x))
     zero = 0
     with eval_mode(model), exact_float32():
         for i in range(0, len(x), batch_size):
@@ -609,26 +623,34 @@ def partition_picture(model, anchors, path, resolution=300, margin=0.5, batch_si
     rng = np.random.default_rng(0)
     _, inverse = torch.unique(ids, return_inverse=True)
     regions = (0.75 + 0.25 * rng.random((n_regions, 3)))[inverse.numpy()]
-    regions[edges(ids)] = 0.15
+    if n_regions <= resolution ** 2 / 25:  # edges only where regions are few: many make the panel solid dark
+        regions[edges(ids)] = 0.15
     neighbours = torch.full(flips.shape, 2.0)  # the last column has no right and the first row no upper neighbour
     neighbours[:, -1] -= 1
     neighbours[0] -= 1
     per_edge = (flips / neighbours.clamp(min=1)).numpy()
     low, high = np.percentile(per_edge, [2, 98])
     density = matplotlib.colormaps["viridis"](np.clip((per_edge - low) / max(high - low, 1e-9), 0, 1))[..., :3]
-    fig = Figure(figsize=(10, 5.3))
+    fig = Figure(figsize=(11, 5.3))
     axes = fig.subplots(1, 2)
     extent = (-margin, 1 + margin, -margin, 1 + margin)
+    with torch.no_grad(), eval_mode(model):
+        predicted = model(anchors.to(device).float()).argmax(1).tolist()
     for ax, img, what in ((axes[0], regions, f"{n_regions} regions on the grid"),
-                          (axes[1], density, f"boundary density: {low:.3g} to {high:.3g} neurons flip per grid step")):
+                          (axes[1], density, "boundary density")):
         img[edges(cls)] = (0.85, 0.0, 0.0)
         ax.imshow(img, origin="lower", extent=extent, interpolation="nearest")
         ax.scatter([0, 1, 0], [0, 0, 1], c="tab:blue", s=30, zorder=3)
+        for name, (u, v), p in zip("ABC", [(0, 0), (1, 0), (0, 1)], predicted):
+            ax.annotate(f"{name}: predicted {p}", (u, v), xytext=(4, 4), textcoords="offset points", fontsize=8,
+                        color="tab:blue", bbox=dict(boxstyle="round,pad=0.15", fc="white", alpha=0.7, lw=0))
         ax.set_title(f"{title}{what}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("plane through three training points; red: decision boundary", fontsize=9)
-    fig.tight_layout()
+    scale = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(low, high), matplotlib.colormaps["viridis"])
+    fig.colorbar(scale, ax=axes[1], fraction=0.046, pad=0.02, label="neurons that flip per grid step (2nd-98th pct.)")
+    fig.suptitle("plane through three training images A, B, C (the first of three classes); red: decision boundary",
+                 fontsize=9)
     fig.savefig(path, dpi=100)
     return n_regions
 
@@ -844,6 +866,9 @@ def cli(main, config_class, argv=None):
         return main(cfg)
     except KeyboardInterrupt:
         records = read_metrics(cfg.out) if Path(cfg.out).is_dir() else []
+        if records:  # what was logged, as a table and a plot
+            write_csv(cfg.out)
+            plot_run(cfg.out)
         at = f"the last evaluation is at step {records[-1]['step']}; --resume goes on from the last checkpoint" if records else "nothing logged yet"
         print(f"\ninterrupted ({at}); continue with: {go_on}", file=sys.stderr, flush=True)
         raise SystemExit(130)
@@ -961,6 +986,12 @@ def check_config(cfg, input_dim=None):
             die(f"{flag} {value}: must be a finite number{least}")
         if isinstance(value, tuple) and not (value and all(math.isfinite(v) and v >= 0 for v in value)):
             die(f"{flag} {' '.join(map(str, value))}: every value must be a finite number, 0 or more")
+    for name in ("pgd_eps", "pgd_alpha"):
+        values = getattr(cfg, name, ())
+        values = values if isinstance(values, tuple) else (values,)
+        if any(v >= 1 for v in values):
+            die(f"--{name.replace('_', '-')} {' '.join(f'{v:g}' for v in values)}: at or above 1, the width of the "
+                f"inputs' range; give radii as fractions, e.g. 8/255")
     if cfg.seed >= 2**32:
         die(f"--seed {cfg.seed}: must be below 2^32 (the measurements' generators are seeded from it)")
     if cfg.rank_points < 2:
@@ -1033,6 +1064,8 @@ def start_run(out, config, device, notes=None):
             "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
             "threads": torch.get_num_threads(), "git_commit": git_commit(), "script": Path(sys.argv[0]).name,
             "code_sha256": code_hashes(),
+            "setting": {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in
+                        NOT_THE_EXPERIMENT and getattr(config, f.name) != f.default},  # what differs from the defaults
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "normalisation": {"name": "none", "source": "the model sees its inputs as given: [0, 1] pixels (one-hot "
                                                        "entries for modular arithmetic); radii are in those units"},
@@ -1040,6 +1073,7 @@ def start_run(out, config, device, notes=None):
     state = read_checkpoint(run, config.steps) if has_checkpoint else None
     if state is not None and int(state["step"]) == config.steps and (run / "summary.json").exists():
         print(f"{run} finished at step {config.steps}: nothing to do, nothing changed (give --steps N to extend it)")
+        release(run)
         raise SystemExit(0)
     if has_checkpoint:
         stored = json.loads((run / "config.json").read_text())
@@ -1173,8 +1207,18 @@ def read_checkpoint(run, steps):
 
 
 def restore(run, state, model, optimizer, generators):
-    """Loads a checkpoint into the model, optimiser and RNGs, drops the records logged after it
-    (they are redone) and returns its step; 0 for a new run (state None)."""
+    """Records the model's structure in config.json (a resumed run must have the same), loads a
+    checkpoint into the model, optimiser and RNGs, drops the records logged after it (they are
+    redone) and returns its step; 0 for a new run (state None)."""
+    structure = {"parameters": sum(p.numel() for p in model.parameters()),
+                 "layers": [type(m).__name__ for m in model.modules()], "printed": repr(model)}
+    info = json.loads((Path(run) / "config.json").read_text())
+    stored = info.get("model", structure)
+    if (stored["parameters"], stored["layers"]) != (structure["parameters"], structure["layers"]):
+        die(f"--resume: the model in this script differs from the one {run} was trained with (config.json: model); "
+            f"start a new --out for the changed model")
+    if "model" not in info:  # what was built, so a hand-edited model shows in the run folder
+        write_atomic(Path(run) / "config.json", json.dumps({**info, "model": structure}, indent=2))
     if state is None:
         return 0
     try:
@@ -1238,14 +1282,25 @@ def write_summary(run, time_report=None):
 
 
 def finish_run(run, timer, train_steps):
-    """Writes metrics.csv, metrics.png and summary.json (onsets and time breakdown); prints it."""
+    """Writes metrics.csv, metrics.png and summary.json (onsets and time breakdown), prints it, and
+    releases the folder."""
     timer.stop_training()
     with timer("plot"):
         write_csv(run)
         plot_run(run)
     summary = write_summary(run, timer.report(train_steps))
     print(json.dumps(summary, indent=2))
+    release(run)
     return summary
+
+
+def release(run):
+    """Lets go of the run folder: its lock file goes (a finished folder holds no lock)."""
+    lock = Path(run) / ".lock"
+    for held in [f for f in _LOCKS if Path(f.name) == lock]:
+        lock.unlink(missing_ok=True)
+        held.close()
+        _LOCKS.remove(held)
 
 
 # ----------------------------------------------------------------------------- plots
@@ -1262,8 +1317,8 @@ PANELS = [  # (title, which keys, y-axis label)
 
 
 def _style(key, keys):
-    """PGD: a colour per eps, solid the default attack, dashed ce32; zero-gradient fraction dotted
-    black. Rank: layers coloured first (dark) to last (yellow)."""
+    """PGD: a colour per eps, solid the toolkit's attack, dashed the papers'; zero-gradient fraction
+    dotted black. Rank: layers coloured first (dark) to last (yellow)."""
     if key == "zero_grad_frac":
         return {"color": "black", "ls": ":"}
     if key.startswith(("rank_", "erank_")):
@@ -1279,9 +1334,9 @@ def _style(key, keys):
 def _label(key):
     """Legend text: the PGD keys say which attack and which radius."""
     if key.startswith("pgd_ce32_acc_"):
-        return f"papers' ce32, ε {key.rsplit('_', 1)[1]}"
+        return f"papers' attack, ε {key.rsplit('_', 1)[1]}"
     if key.startswith("pgd_acc_"):
-        return f"default, ε {key.rsplit('_', 1)[1]}"
+        return f"toolkit's attack, ε {key.rsplit('_', 1)[1]}"
     return {"zero_grad_frac": "zero-gradient fraction", "batch_loss_max": "worst batch since last eval"}.get(key, key)
 
 
@@ -1291,7 +1346,7 @@ def plot_run(run, path=None):
     records = read_metrics(run)
     if not records:
         die(f"no metrics in {run}/metrics.jsonl to plot")
-    fig, panels, zero_at = panel_figure([records], f"{Path(run).name}: {radius_units(run)}")
+    fig, panels, zero_at = panel_figure([records], f"{run_title(run)}\n{radius_units(run)}")
     for ax, (panel, ks, ylabel) in panels:
         for k in ks:
             xs, ys = curve(records, k, zero_at)
@@ -1324,7 +1379,7 @@ def panel_figure(runs, title):
     keys = list(dict.fromkeys(k for r in everything for k in r if k != "step" and isinstance(r[k], (int, float))))
     panels = [p for p in ((t, [k for k in keys if pick(k)], y) for t, pick, y in PANELS) if p[1]]
     cols, rows = 3, math.ceil(len(panels) / 3)
-    fig = Figure(figsize=(5.2 * cols, 3.8 * rows))  # inches: room for titles, footnote and axis labels
+    fig = Figure(figsize=(5.2 * cols, 4.8 * rows))  # inches: room for titles, legends below, footnote
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
@@ -1344,17 +1399,34 @@ def finish_panel(ax, panel, ylabel, n_lines):
     ax.set_xlabel("optimisation step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8 if n_lines <= 8 else 7, ncol=1 if n_lines <= 5 else 2 if n_lines <= 16 else 3)
+    if panel.endswith("rank per layer") and panel.startswith("feature"):
+        from matplotlib.ticker import MaxNLocator
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # a rank is a whole number
+    if ax.get_legend_handles_labels()[0]:  # below the panel, never over the data
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False,
+                  ncol=1 if n_lines <= 2 else 2 if n_lines <= 6 else 3)
 
 
 def save_figure(fig, path, footer="step 0 is drawn at half the first logged step (log axis); LC bands: 99% "
-                "confidence interval of the mean over points; PGD: solid the default attack, dashed the papers' "
-                "ce32 (README: reading the outputs)"):
+                "confidence interval of the mean over points; PGD: a colour per ε, solid the toolkit's attack, "
+                "dashed the papers', dotted black the zero-gradient fraction"):
     height = fig.get_figheight()
     fig.text(0.5, 0.003, footer, ha="center", va="bottom", fontsize=8, color="0.3")
     # a fixed layout: tight_layout measured every tick label twice and took half the plotting time
-    fig.subplots_adjust(left=0.055, right=0.99, bottom=0.65 / height, top=1 - 0.75 / height, wspace=0.25, hspace=0.34)
+    fig.subplots_adjust(left=0.055, right=0.99, bottom=1.3 / height, top=1 - 1.05 / height, wspace=0.25, hspace=0.75)
     fig.savefig(path, dpi=100)
+
+
+def run_title(run):
+    """The script and the fields that differ from its defaults (config.json's setting), else the folder."""
+    try:
+        info = json.loads((Path(run) / "config.json").read_text())
+    except (OSError, ValueError):
+        return Path(run).name
+    setting = info.get("setting")
+    if setting is None:
+        return Path(run).name
+    return f"{info.get('script', Path(run).name)}: " + (", ".join(f"{k}={v}" for k, v in setting.items()) or "its defaults")
 
 
 def radius_units(run):

@@ -72,6 +72,7 @@ def check_run_folder(run):
                  "partition_init.png", "partition_end.png"):
         assert (run / name).exists(), name
     assert (run / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (run / ".lock").exists()  # a finished folder is released
     recs = records(run)
     assert recs[0]["step"] == 0 and len(recs) >= 3
     last = recs[-1]

@@ -69,6 +69,7 @@ def test_ctrl_c_ends_with_one_line_and_the_command_to_continue(tmp_path):
     assert f"continue with: python exp_modular_arith.py --out {out} --resume" in err
     step = records(out)[-1]["step"]
     assert f"at step {step}" in err
+    assert (out / "metrics.csv").exists() and (out / "metrics.png").exists()  # what was logged, drawn
     import torch  # the interrupt may land between an evaluation's record and its checkpoint
     saved = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["step"]
     assert saved in (step, records(out)[-2]["step"])

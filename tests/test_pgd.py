@@ -1,4 +1,5 @@
 """pgd_attack and pgd_accuracy: constraints, a closed-form worst case, monotonicity, no side effects."""
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -90,7 +91,7 @@ def test_sign_steps_equal_those_of_the_cross_entropy_on_moderate_logits():
     model, x, y = trained_mlp()
     x = x.clone().requires_grad_(True)
     F.cross_entropy(model(x).double(), y, reduction="sum").backward()
-    step = common.pgd_attack(model, x.detach(), y, eps=1.0, alpha=1e-3, steps=1, random_start=False)
+    step = common.pgd_attack(model, x.detach(), y, eps=0.5, alpha=1e-3, steps=1, random_start=False)
     moved = (step - x.detach()).sign()
     fooled_at_start = model(x.detach()).argmax(1) != y
     keep = ~fooled_at_start
@@ -124,9 +125,9 @@ def test_random_start_is_uniform_in_the_ball_and_drawn_from_the_generator():
 def test_the_first_iterate_that_fools_is_kept_not_the_last():
     # from 0.2 with steps of 0.25: 0.45 is inside the band (fooled), 0.70 is past it (not fooled)
     model, x, y = band_model(), torch.tensor([[0.2]]), torch.tensor([0])
-    x_adv = common.pgd_attack(model, x, y, eps=1.0, alpha=0.25, steps=2, random_start=False)
+    x_adv = common.pgd_attack(model, x, y, eps=0.6, alpha=0.25, steps=2, random_start=False)
     assert torch.allclose(x_adv, torch.tensor([[0.45]]))
-    assert common.pgd_accuracy(model, x, y, eps=1.0, alpha=0.25, steps=2, random_start=False) == 0.0
+    assert common.pgd_accuracy(model, x, y, eps=0.6, alpha=0.25, steps=2, random_start=False) == 0.0
 
 
 def test_modes_statistics_and_tf32_left_alone():
@@ -145,3 +146,22 @@ def test_modes_statistics_and_tf32_left_alone():
     assert [m.training for m in model] == [True, False, True, True]
     assert all(torch.equal(before[k], t) for k, t in model.state_dict().items())
     assert seen and all(flags == (False, False) for flags in seen)
+
+
+def test_plausible_mistakes_are_refused_in_one_line():
+    model, x, y = trained_mlp()
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="8/255"):  # eps in grey levels, not a fraction
+        common.pgd_accuracy(model, x, y, eps=8, alpha=2 / 255, steps=2, generator=gen)
+    with pytest.raises(ValueError, match="alpha 1.0 is at or above"):
+        common.pgd_accuracy(model, x, y, eps=0.1, alpha=1.0, steps=2, generator=gen)
+    with pytest.raises(ValueError, match=r"x / 255"):  # float images left in 0..255
+        common.pgd_accuracy(model, x * 255, y, eps=0.1, alpha=0.02, steps=2, generator=gen)
+    assert common.pgd_accuracy(model, x * 255, y, eps=0.1, alpha=0.02, steps=2, lo=0, hi=255, generator=gen) >= 0
+    with pytest.raises(ValueError, match=r"shape \(400,\).*y.view\(-1\)"):  # labels shaped (N, 1)
+        common.pgd_accuracy(model, x, y[:, None], eps=0.1, alpha=0.02, steps=2, generator=gen)
+    for fn in (common.logit_margins, common.zero_grad_fraction):
+        with pytest.raises(ValueError, match="one per input"):
+            fn(model, x, y[:-1])
+    with pytest.warns(UserWarning, match="x / 255"):
+        common.local_complexity(model, x * 255, 0.05, 3)

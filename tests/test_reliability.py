@@ -43,6 +43,8 @@ SCRIPTS = [exp_modular_arith, exp_mnist_mlp, exp_deep_mlp_rank, exp_cifar_cnn, e
     (["exp_imagenette_resnet.py", "--resolution", "20"], "multiple of 8"),
     (["exp_imagenette_resnet.py", "--dataset", "cifar10", "--resolution", "64"], "CIFAR-10 images are 32 px"),
     (["exp_mnist_mlp.py", "--pgd-eps", "eight"], "'eight' is not a number"),
+    (["exp_cifar_cnn.py", "--pgd-eps", "8"], "--pgd-eps 8: at or above 1, the width of the inputs' range; give radii as fractions, e.g. 8/255"),
+    (["exp_mnist_mlp.py", "--pgd-alpha", "2"], "--pgd-alpha 2: at or above 1"),
     (["exp_modular_arith.py", "--model", "lstm"], "invalid choice"),
 ])
 def test_bad_flags_get_one_line_before_anything_is_written(args, message, tmp_path):

@@ -160,3 +160,18 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_metrics(tmp_path):
     proc = run_script("exp_modular_arith.py", "--quick", "--out", out, ok=False)
     refused(proc, "the disk is full")
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0]
+
+
+def test_config_records_the_model_and_a_resume_refuses_an_edited_one(tmp_path):
+    out = tmp_path / "run"
+    run_script("exp_modular_arith.py", "--quick", "--steps", "30", "--out", out)
+    model = json.loads((out / "config.json").read_text())["model"]
+    assert model["layers"][:2] == ["Sequential", "Linear"] and "ReLU" in model["layers"]
+    import exp_modular_arith
+    cfg = common.parse_config(exp_modular_arith.Config, ["--quick"])
+    assert model["parameters"] == sum(p.numel() for p in exp_modular_arith.make_model(cfg).parameters())
+    info = json.loads((out / "config.json").read_text())
+    info["model"]["layers"].append("Dropout")  # as if the script's model had been edited since
+    (out / "config.json").write_text(json.dumps(info))
+    refused(run_script("exp_modular_arith.py", "--out", out, "--resume", "--steps", "60", ok=False),
+            "differs from the one")

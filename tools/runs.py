@@ -22,30 +22,54 @@ from common import die  # noqa: E402
 
 
 def plot_runs(groups, path, title):
-    """groups: {label: [records of each run]}. Several runs in a group (seeds of one setting): the
-    mean over the runs that logged each step, with a band from their minimum to their maximum. Several
-    groups (a sweep): one colour per group, one line style per metric."""
+    """groups: {label: [records of each run]}. A group of several runs (seeds of one setting): the
+    mean over the runs that logged each step, a band from their minimum to their maximum. Several
+    groups (a sweep): one colour per group (the legend at the bottom); within a panel, one line
+    style per metric (its legend below the panel, in grey): for PGD, solid the toolkit's attack,
+    dashed the papers', dotted the zero-gradient fraction, and a marker per ε."""
+    from matplotlib.lines import Line2D
     runs = [records for members in groups.values() for records in members]
     seeds = max(len(members) for members in groups.values())
-    fig, panels, zero_at = common.panel_figure(runs, title + (" (lines: mean over a group's runs, band: min to max)"
+    fig, panels, zero_at = common.panel_figure(runs, title + (" (lines: mean over a setting's runs, band: min to max)"
                                                               if seeds > 1 else ""))
+    several = len(groups) > 1
     for ax, (panel, ks, ylabel) in panels:
+        radii = list(dict.fromkeys(k.rsplit("_", 1)[1] for k in ks if k.startswith("pgd_")))
+        styles = {}
+        for m, k in enumerate(ks):
+            if k.startswith("pgd_"):
+                styles[k] = {"ls": "--" if "ce32" in k else "-", "marker": "osD^v"[radii.index(k.rsplit("_", 1)[1]) % 5]}
+            elif k == "zero_grad_frac":
+                styles[k] = {"ls": ":", "marker": None}
+            else:
+                styles[k] = {"ls": ("-", "--", ":", "-.")[m % 4], "marker": "."}
         for g, (group, members) in enumerate(groups.items()):
-            for m, k in enumerate(ks):
+            for k in ks:
                 per_run = [dict(zip(*common.curve(records, k, zero_at))) for records in members]
                 xs = sorted(set().union(*per_run))
                 if not xs:
                     continue
                 ys = [[v[x] for v in per_run if x in v] for x in xs]
-                if len(groups) == 1:
-                    style, label = common._style(k, ks), common._label(k)
-                else:
-                    style, label = {"color": f"C{g % 10}", "ls": ("-", "--", ":", "-.")[m % 4]}, f"{group}: {common._label(k)}"
-                line, = ax.plot(xs, [np.mean(y) for y in ys], marker=".", ms=3, lw=1.2, label=label, **style)
+                style = ({"color": f"C{g % 10}", **styles[k], "ms": 3} if several else
+                         {**common._style(k, ks), "marker": styles[k]["marker"] or ".", "ms": 3})
+                line, = ax.plot(xs, [np.mean(y) for y in ys], lw=1.2, label=None if several else common._label(k),
+                                **style)
                 if len(members) > 1:
                     ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2, color=line.get_color())
-        common.finish_panel(ax, panel, ylabel, len(ks) * len(groups))
-    common.save_figure(fig, path)
+        if several:  # the metrics' styles in grey; the settings' colours are in the figure's legend
+            for k in ks:
+                ax.plot([], [], color="0.35", lw=1.2, ms=4, label=common._label(k), **styles[k])
+        common.finish_panel(ax, panel, ylabel, len(ks))
+    footer = ("colours: the settings (legend under the title); line styles and markers: each panel's legend"
+              if several else "PGD: a colour per ε, solid the toolkit's attack, dashed the papers'")
+    common.save_figure(fig, path, footer + "; step 0 is drawn at half the first logged step (log axis)")
+    if several:  # the settings' colours under the title, with room made for them
+        height, legend_rows = fig.get_figheight(), math.ceil(len(groups) / 4)
+        fig.legend([Line2D([], [], color=f"C{g % 10}", lw=3) for g in range(len(groups))], list(groups),
+                   loc="upper center", bbox_to_anchor=(0.5, 1 - 0.45 / height), ncol=min(len(groups), 4), fontsize=9,
+                   frameon=False)
+        fig.subplots_adjust(top=1 - (1.05 + 0.3 * legend_rows) / height)
+        fig.savefig(path, dpi=100)
     return [panel for _, (panel, _, _) in panels]
 
 
