@@ -790,7 +790,7 @@ def evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer
                      or k.startswith(("pgd_acc", "pgd_ce32")))
     print(f"step {step:>7}/{cfg.steps} ({100 * step / max(cfg.steps, 1):5.1f}%) | {shown}", flush=True)
     with timer("checkpoint"):
-        save_checkpoint(run, model, optimizer, step, generators)
+        save_checkpoint(run, model, optimizer, step, generators, timer.totals())
     timer.start_training()
 
 
@@ -809,7 +809,7 @@ class Timer:
     def __init__(self, device):
         self.device, self.seconds, self.start = device, {}, time.perf_counter()
         self.last_beat, self.segment = self.start, None
-        self.evaluations = 0
+        self.evaluations, self.carried, self.untimed_steps = 0, {}, 0
 
     @contextlib.contextmanager
     def __call__(self, name):
@@ -848,12 +848,22 @@ class Timer:
         print(f"step {step:>7}/{total} ({100 * step / max(total, 1):5.1f}%) {rate:7.0f} it/s, about {left / 60:.0f} "
               f"min left ({evals_left} evaluations of ~{per_eval:.0f} s to go)", flush=True)
 
+    def totals(self):
+        """Seconds per category and wall seconds, earlier processes of the run included (carried in
+        the checkpoint: a resumed run reports the whole run's time)."""
+        seconds = {k: self.carried.get(k, 0.0) + self.seconds.get(k, 0.0) for k in {**self.carried, **self.seconds}}
+        return {**seconds, "wall": seconds.get("wall", 0.0) + time.perf_counter() - self.start}
+
     def report(self, train_steps):
-        wall = time.perf_counter() - self.start
-        measured = sum(v for k, v in self.seconds.items() if k not in ("train", "setup"))
-        return {"wall_s": round(wall, 2), **{f"{k}_s": round(v, 2) for k, v in self.seconds.items()},
+        """The time breakdown of the whole run; train_steps: the steps trained in all its processes."""
+        seconds = self.totals()
+        wall = seconds.pop("wall")
+        measured = sum(v for k, v in seconds.items() if k not in ("train", "setup"))
+        train_steps -= self.untimed_steps  # a checkpoint of an older version carries no time
+        return {"wall_s": round(wall, 2), **{f"{k}_s": round(v, 2) for k, v in seconds.items()},
+                **({"timed_from_step": self.untimed_steps} if self.untimed_steps else {}),
                 "measurement_fraction": round(measured / wall, 3) if wall else 0.0,
-                "train_steps_per_s": round(train_steps / self.seconds["train"], 1) if self.seconds.get("train") else None}
+                "train_steps_per_s": round(train_steps / seconds["train"], 1) if seconds.get("train") else None}
 
 
 # ----------------------------------------------------------------------------- configuration, entry point
@@ -887,7 +897,8 @@ def cli(main, config_class, argv=None):
 # compare (tools/runs.py) groups runs across them. (--compile is not among them: compiled kernels
 # round differently. --device is: moving a run between machines is what resume is for; each
 # resume's device is recorded in config.json.)
-NOT_THE_EXPERIMENT = ("steps", "evals", "evals_every", "rank_every", "device", "data_dir", "download", "out", "resume")
+NOT_THE_EXPERIMENT = ("steps", "evals", "evals_every", "rank_every", "device", "data_dir", "download", "out", "resume",
+                      "continue_anyway")
 def number(text):
     """A float from the command line; a fraction such as 8/255 is welcome."""
     try:
@@ -1070,13 +1081,28 @@ def start_run(out, config, device, notes=None):
             "normalisation": {"name": "none", "source": "the model sees its inputs as given: [0, 1] pixels (one-hot "
                                                        "entries for modular arithmetic); radii are in those units"},
             **(notes or {})}
-    state = read_checkpoint(run, config.steps) if has_checkpoint else None
+    try:
+        state = read_checkpoint(run, config.steps) if has_checkpoint else None
+    except SystemExit:
+        release(run)
+        raise
     if state is not None and int(state["step"]) == config.steps and (run / "summary.json").exists():
         print(f"{run} finished at step {config.steps}: nothing to do, nothing changed (give --steps N to extend it)")
         release(run)
         raise SystemExit(0)
     if has_checkpoint:
         stored = json.loads((run / "config.json").read_text())
+        anyway = []  # what could not be checked, continued with --continue-anyway
+        changed_code = sorted(k for k, v in info["code_sha256"].items() if stored.get("code_sha256", {}).get(k) != v)
+        if changed_code:
+            anyway.append(f"changed code: {', '.join(changed_code)}")
+        if "data" in info and "data" not in stored:
+            anyway.append("data made before fingerprints")
+        if anyway and not getattr(config, "continue_anyway", False):
+            release(run)
+            die(f"--resume: {run} cannot be continued as it started ({'; '.join(anyway)}): the records could mix two "
+                f"versions of the code or two data sets. Continue knowingly with --continue-anyway (recorded in "
+                f"config.json), or start a new --out")
         if "data" in stored and "data" in info and stored["data"] != info["data"]:
             die(f"--resume: {run} was trained on other data (shapes {stored['data']['shapes']}, hash "
                 f"{stored['data']['sha256']}; now {info['data']['shapes']}, {info['data']['sha256']}); point --data-dir "
@@ -1090,7 +1116,7 @@ def start_run(out, config, device, notes=None):
                     f"restore config.json or start a new --out")
         changed = {k: v for k, v in json.loads(json.dumps(info["config"])).items() if stored["config"].get(k) != v}
         stored.setdefault("resumed", []).append({k: info[k] for k in ("command", "git_commit", "device", "started")}
-                                                | {"changed": changed})
+                                                | {"changed": changed} | ({"continued_anyway": anyway} if anyway else {}))
         stored["config"].update({k: v for k, v in changed.items() if k in NOT_THE_EXPERIMENT and k != "resume"})
         info = stored  # the original record, with the schedule now in force (a later --resume continues it)
     else:
@@ -1100,7 +1126,10 @@ def start_run(out, config, device, notes=None):
             os.replace(run / "metrics.jsonl", run / "metrics.failed.jsonl")
             print(f"{run}: the metrics of the attempt that stopped before its first checkpoint are kept in "
                   f"metrics.failed.jsonl")
-    write_atomic(run / "config.json", json.dumps(info, indent=2))
+    if state is None:
+        write_atomic(run / "config.json", json.dumps(info, indent=2))
+    else:  # written by restore once the checkpoint has loaded: a refused resume leaves the folder as it was
+        state["config.json"] = json.dumps(info, indent=2)
     return run, state
 
 
@@ -1179,7 +1208,7 @@ def to_bytes(obj):
     return buffer.getvalue()
 
 
-def save_checkpoint(run, model, optimizer, step, generators):
+def save_checkpoint(run, model, optimizer, step, generators, seconds=None):
     """Model, optimiser, step, the config and every RNG state (global and the named generators),
     written atomically."""
     try:  # the experiment as config.json states it, so a resume can tell whether that file was edited
@@ -1188,50 +1217,67 @@ def save_checkpoint(run, model, optimizer, step, generators):
         config = None
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": config,
              "rng_cpu": torch.get_rng_state(), "generators": {k: g.get_state() for k, g in generators.items()},
-             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+             "seconds": seconds or {}}
     write_atomic(Path(run) / "checkpoint.pt", to_bytes(state))
 
 
 def read_checkpoint(run, steps):
-    """The checkpoint (weights_only: loading runs no code); a damaged one or one past --steps ends
-    the program in one line."""
+    """The checkpoint (weights_only: loading runs no code), checked before anything is written: its
+    entries, a whole-number step between 0 and --steps that metrics.jsonl logged. A damaged or
+    inconsistent one ends the program in one line."""
     path = Path(run) / "checkpoint.pt"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        step = int(state["step"])
+        missing = [k for k in ("model", "optimizer", "step", "generators", "rng_cpu", "rng_cuda") if k not in state]
     except Exception as e:  # torch.load raises many types on a damaged file
         die(f"{path} is damaged or not a checkpoint of this toolkit ({type(e).__name__}); start again in a new --out")
+    if missing:
+        die(f"{path} lacks {', '.join(missing)}: not a checkpoint of this toolkit; start again in a new --out")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        die(f"{path}: its step {step!r} is not a whole number >= 0; the file is damaged, start again in a new --out")
     if step > steps:
         die(f"--resume: {run} is at step {step}, past --steps {steps}; give --steps {step} or more")
+    logged = {r["step"] for r in read_metrics(run)}
+    if step not in logged:
+        die(f"{path} is at step {step} but metrics.jsonl logged no evaluation there; the two files do not belong "
+            f"together: restore them, or start a new --out")
     return state
 
 
-def restore(run, state, model, optimizer, generators):
+def restore(run, state, model, optimizer, generators, timer=None):
     """Records the model's structure in config.json (a resumed run must have the same), loads a
     checkpoint into the model, optimiser and RNGs, drops the records logged after it (they are
     redone) and returns its step; 0 for a new run (state None)."""
+    info = json.loads(state["config.json"]) if state else json.loads((Path(run) / "config.json").read_text())
     structure = {"parameters": sum(p.numel() for p in model.parameters()),
                  "layers": [type(m).__name__ for m in model.modules()], "printed": repr(model)}
-    info = json.loads((Path(run) / "config.json").read_text())
     stored = info.get("model", structure)
     if (stored["parameters"], stored["layers"]) != (structure["parameters"], structure["layers"]):
+        release(run)
         die(f"--resume: the model in this script differs from the one {run} was trained with (config.json: model); "
             f"start a new --out for the changed model")
-    if "model" not in info:  # what was built, so a hand-edited model shows in the run folder
-        write_atomic(Path(run) / "config.json", json.dumps({**info, "model": structure}, indent=2))
+    info.setdefault("model", structure)  # what was built, so a hand-edited model shows in the run folder
     if state is None:
+        write_atomic(Path(run) / "config.json", json.dumps(info, indent=2))
         return 0
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        die(f"--resume: the checkpoint in {run} does not fit this script's model ({str(e).splitlines()[0][:120]}); "
-            f"was it made by another version of the code? Start a new --out")
-    torch.set_rng_state(state["rng_cpu"])
-    for k, g in generators.items():
-        g.set_state(state["generators"][k])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
+        torch.set_rng_state(state["rng_cpu"])
+        for k, g in generators.items():
+            g.set_state(state["generators"][k])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        release(run)
+        die(f"--resume: the checkpoint in {run} does not fit this script's model and generators "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); start a new --out")
+    write_atomic(Path(run) / "config.json", json.dumps(info, indent=2))  # the resume, now that the states loaded
+    if timer is not None:  # the time earlier processes spent, up to this checkpoint
+        timer.carried = {k: float(v) for k, v in state.get("seconds", {}).items()}
+        timer.untimed_steps = 0 if "seconds" in state else state["step"]
     truncate_metrics(run, state["step"])
     print(f"{run}: resumed from the checkpoint at step {state['step']}", flush=True)
     return state["step"]

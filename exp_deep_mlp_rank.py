@@ -71,6 +71,7 @@ class Config:
     device: str = "auto"  # auto, cuda, mps or cpu
     out: str = "runs/deep_mlp_rank"  # run folder
     resume: bool = False  # continue the run in --out from its last checkpoint (its stored config)
+    continue_anyway: bool = False  # --resume although the code changed or the data cannot be checked (recorded)
     quick: bool = False  # a seconds-long run of the same code path
     ZERO_OK = ("seed", "train_size", "weight_decay")  # may be 0; every other number must be above 0
     CHOICES = {"dataset": ["mnist", "fashion-mnist"], "device": ["auto", "cuda", "mps", "cpu"]}
@@ -115,7 +116,7 @@ def main(cfg):
     optimizer = common.make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sample_gen = torch.Generator(device).manual_seed(cfg.seed + 2)  # draws the training batches
     generators = {"sample": sample_gen}  # saved in checkpoints, so a resumed run is exact
-    start = common.restore(run, checkpoint, model, optimizer, generators)
+    start = common.restore(run, checkpoint, model, optimizer, generators, timer)
 
     # what every evaluation measures, fixed for the whole run (random points: uniform in [0, 1]^784)
     probes = common.Probes(
@@ -149,7 +150,7 @@ def main(cfg):
         loss.backward()
         optimizer.step()
         timer.heartbeat(step + 1, start, cfg.steps, eval_steps)
-    return common.finish_run(run, timer, cfg.steps - start)
+    return common.finish_run(run, timer, cfg.steps)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ class Config:
     device: str = "auto"  # auto, cuda, mps or cpu
     out: str = "runs/modular_arith"  # run folder
     resume: bool = False  # continue the run in --out from its last checkpoint (its stored config)
+    continue_anyway: bool = False  # --resume although the code changed or the data cannot be checked (recorded)
     quick: bool = False  # a seconds-long run of the same code path (p=23, 300 steps, few points)
     ZERO_OK = ("seed", "weight_decay")  # may be 0; every other number must be above 0
     CHOICES = {"model": ["mlp", "transformer"], "device": ["auto", "cuda", "mps", "cpu"]}
@@ -128,7 +129,7 @@ def main(cfg):
     train_model = common.compiled(model, cfg.compile, device)
     optimizer = common.make_optimizer(torch.optim.AdamW, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generators = {}  # full batch: no sampling; PGD's starts are seeded by (seed, step)
-    start = common.restore(run, checkpoint, model, optimizer, generators)
+    start = common.restore(run, checkpoint, model, optimizer, generators, timer)
 
     # what every evaluation measures, fixed for the whole run (random points: uniform in the input box)
     probes = common.Probes(
@@ -159,7 +160,7 @@ def main(cfg):
         loss.backward()
         optimizer.step()
         timer.heartbeat(step + 1, start, cfg.steps, eval_steps)
-    return common.finish_run(run, timer, cfg.steps - start)
+    return common.finish_run(run, timer, cfg.steps)
 
 
 if __name__ == "__main__":

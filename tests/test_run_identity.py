@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 import common
-from conftest import refused
-from conftest import ENV, REPO, run_script
+from conftest import ENV, REPO, refused, run_script
 
 QUICK = ["--quick", "--no-download", "--steps", "20"]
 
@@ -175,3 +174,73 @@ def test_config_records_the_model_and_a_resume_refuses_an_edited_one(tmp_path):
     (out / "config.json").write_text(json.dumps(info))
     refused(run_script("exp_modular_arith.py", "--out", out, "--resume", "--steps", "60", ok=False),
             "differs from the one")
+
+
+def test_time_adds_up_across_the_processes_of_a_run(tmp_path):
+    out = tmp_path / "run"
+    run_script("exp_modular_arith.py", "--quick", "--steps", "300", "--out", out)
+    first = json.loads((out / "summary.json").read_text())["time"]
+    run_script("exp_modular_arith.py", "--out", out, "--resume", "--steps", "600")
+    second = json.loads((out / "summary.json").read_text())["time"]
+    assert second["train_s"] > first["train_s"]  # both processes
+    assert second["train_steps_per_s"] == pytest.approx(600 / second["train_s"], rel=0.02)  # the whole run
+    (out / "summary.json").unlink()  # a crash between the last checkpoint and the summary: the resume recovers
+    run_script("exp_modular_arith.py", "--out", out, "--resume")
+    recovered = json.loads((out / "summary.json").read_text())["time"]
+    assert recovered["train_s"] >= second["train_s"] * 0.99 and recovered["train_steps_per_s"] > 0
+
+
+def _folder_bytes(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_resume_on_changed_code_is_refused_unless_continued_knowingly(tmp_path):
+    for name in ("common.py", "exp_modular_arith.py"):
+        shutil.copy(REPO / name, tmp_path / name)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "exp_modular_arith.py", "--device", "cpu", *args], cwd=tmp_path, env=ENV,
+                              capture_output=True, text=True, timeout=300)
+
+    assert run("--quick", "--steps", "100", "--out", "run").returncode == 0
+    with open(tmp_path / "common.py", "a") as f:
+        f.write("\n# an edit between the interruption and the resume\n")
+    before = _folder_bytes(tmp_path / "run")
+    proc = run("--out", "run", "--resume", "--steps", "200")
+    assert proc.returncode == 2 and "changed code: common.py" in proc.stderr and "--continue-anyway" in proc.stderr
+    assert _folder_bytes(tmp_path / "run") == before  # nothing written, not even a lock
+    assert run("--out", "run", "--resume", "--steps", "200", "--continue-anyway").returncode == 0
+    resumed = json.loads((tmp_path / "run" / "config.json").read_text())["resumed"][-1]
+    assert resumed["continued_anyway"] == ["changed code: common.py"]
+
+
+def test_a_folder_without_a_data_fingerprint_is_not_resumed_on_unchecked_data(tmp_path, mnist_dir):
+    out = tmp_path / "run"
+    run_script("exp_mnist_mlp.py", "--quick", "--no-download", "--data-dir", mnist_dir, "--out", out)
+    info = json.loads((out / "config.json").read_text())
+    del info["data"]  # as config.json was before fingerprints
+    (out / "config.json").write_text(json.dumps(info))
+    before = _folder_bytes(out)
+    refused(run_script("exp_mnist_mlp.py", "--out", out, "--resume", "--steps", "400", ok=False),
+            "data made before fingerprints")
+    assert _folder_bytes(out) == before
+    run_script("exp_mnist_mlp.py", "--out", out, "--resume", "--steps", "400", "--continue-anyway")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: {**s, "step": -5}, "is not a whole number >= 0"),
+    (lambda s: {**s, "step": 10.5}, "is not a whole number >= 0"),
+    (lambda s: {k: v for k, v in s.items() if k != "generators"}, "lacks generators"),
+    (lambda s: {**s, "step": 7}, "logged no evaluation there"),
+    (lambda s: {**s, "model": {"weight": s["optimizer"]["state"][0]["exp_avg"]}}, "does not fit this script's model"),
+    (lambda s: {**s, "rng_cpu": s["rng_cpu"][:10]}, "does not fit this script's model"),
+])
+def test_a_damaged_checkpoint_is_refused_and_the_folder_left_as_it_was(tmp_path, damage, message):
+    out = tmp_path / "run"
+    run_script("exp_modular_arith.py", "--quick", "--steps", "40", "--out", out)
+    import torch
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    torch.save(damage(state), out / "checkpoint.pt")
+    before = _folder_bytes(out)
+    refused(run_script("exp_modular_arith.py", "--out", out, "--resume", "--steps", "80", ok=False), message)
+    assert _folder_bytes(out) == before
