@@ -872,6 +872,11 @@ def cli(main, config_class, argv=None):
     (Ctrl-C, out of memory, a full disk) in one line that says how to go on; what was logged stays."""
     cfg = parse_config(config_class, argv)
     go_on = f"python {Path(sys.argv[0]).name} --out {cfg.out} --resume"
+    try:  # the plots come at the end of a run: a mistyped back-end must not wait for them
+        import matplotlib
+        matplotlib.get_backend()
+    except ValueError:
+        die(f"MPLBACKEND={os.environ.get('MPLBACKEND')!r} is not a matplotlib back-end; unset it, or set it to Agg")
     try:
         return main(cfg)
     except KeyboardInterrupt:
@@ -920,6 +925,8 @@ def whole_number(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (e.g. 5000 or 5e3)") from None
     if not (math.isfinite(value) and value == int(value)):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (e.g. 5000 or 5e3)")
+    if abs(value) > 1e12:
+        raise argparse.ArgumentTypeError(f"{text!r} is too large a count (at most 1e9)")
     return int(value)
 
 
@@ -966,6 +973,14 @@ def parse_config(cls, argv=None):
         if made_by and this.startswith("exp_") and made_by != this:
             die(f"--resume: {out} holds a run of {made_by}, not of {this}; resume it with {made_by}")
         stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in defaults}
+        for k, v in stored.items():  # the types this script's fields have
+            want = type(defaults[k])
+            ok = (isinstance(v, want) and (want is not int or not isinstance(v, bool))) or (
+                want is float and isinstance(v, int) and not isinstance(v, bool)) or (
+                want is tuple and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in v))
+            if not ok:
+                die(f"{stored_path}: {k} is {v!r}, not a {want.__name__}; the file was edited or damaged: restore it, "
+                    f"or start a new --out")
         newer = sorted(set(defaults) - set(stored) - set(NOT_THE_EXPERIMENT))
         if newer:
             die(f"--resume: {out} was made by an older version of this script, without "
@@ -993,6 +1008,8 @@ def check_config(cfg, input_dim=None):
         if isinstance(value, int) and not isinstance(value, bool) and not value >= (0 if f.name in zero_ok else 1):
             die(f"{flag} {value}: must be " + ("0 or more" if f.name in zero_ok else "a positive whole number")
                 + (" (0: all the training data)" if f.name == "train_size" else ""))
+        if isinstance(value, int) and not isinstance(value, bool) and f.name != "seed" and value > 10**9:
+            die(f"{flag} {value}: at most 1e9 (a count this large cannot run)")
         if isinstance(value, float) and not (math.isfinite(value) and (value > 0 or f.name in zero_ok and value == 0)):
             die(f"{flag} {value}: must be a finite number{least}")
         if isinstance(value, tuple) and not (value and all(math.isfinite(v) and v >= 0 for v in value)):
@@ -1005,6 +1022,8 @@ def check_config(cfg, input_dim=None):
                 f"inputs' range; give radii as fractions, e.g. 8/255")
     if cfg.seed >= 2**32:
         die(f"--seed {cfg.seed}: must be below 2^32 (the measurements' generators are seeded from it)")
+    if cfg.evals > 10**4:
+        die(f"--evals {cfg.evals}: at most 1e4 evaluations (each one measures everything)")
     if cfg.rank_points < 2:
         die(f"--rank-points {cfg.rank_points}: at least 2 points (a covariance needs two)")
     if input_dim is not None and cfg.lc_directions > input_dim:
@@ -1177,9 +1196,16 @@ def read_metrics(run, up_to_step=None):
     lines = path.read_text().splitlines()
     for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            warnings.warn(f"{path}:{i + 1}: skipped a half-written line (the run was killed while writing)")
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}:{i + 1}: skipped a half-written line (the run was killed while writing)")
+                continue
+            die(f"{path}:{i + 1}: not JSON; the file is damaged: restore it (or remove that line)")
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool)):
+            die(f"{path}:{i + 1}: not a record of this toolkit (a JSON object with a whole-number step); restore the file "
+                f"(or remove that line)")
+        records.append(record)
     if up_to_step is not None:
         records = [r for r in records if r["step"] <= up_to_step]
     return records
@@ -1503,8 +1529,9 @@ def check_data(source, x_train, y_train, x_test, y_test, image_shape, n_classes)
             die(f"{source}: {split} labels must be a 1-D array of integers, got {tuple(y.shape)} {y.dtype}")
         if len(x) != len(y):
             die(f"{source}: {len(x)} {split} images but {len(y)} labels")
-        if len(x) == 0:
-            die(f"{source}: no {split} images")
+        if len(x) < (3 if split == "train" else 2):
+            die(f"{source}: {len(x)} {split} images; at least {3 if split == 'train' else 2} (the partition pictures "
+                f"need three training images, a covariance two test images)")
         if y.min() < 0 or y.max() >= n_classes:
             die(f"{source}: {split} labels must lie in 0..{n_classes - 1}, found {int(y.min())}..{int(y.max())}")
     if len(torch.unique(y_train)) < 2:
@@ -1566,14 +1593,14 @@ def load_mnist(data_dir, dataset="mnist", download=True):
         def find():  # torchvision's layout, or the four files in the folder itself
             return {n: idx_file(raw, n) or idx_file(path, n) for n in MNIST_FILES}
 
-        found = find()
+        found, failed = find(), ""
         if None in found.values() and download:
             import torchvision
             try:
                 for train in (True, False):
                     getattr(torchvision.datasets, folder)(path, train=train, download=True)
-            except Exception as e:  # no network, a server error, a full disk: say it, then list the files
-                print(f"download of {dataset} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            except Exception as e:  # no network, a server error, a full disk: its reason goes into the one line
+                failed = f"; the download failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
             found = find()
         missing = [n for n, p in found.items() if p is None]
         if missing and all(n.startswith("train") for n in missing):
@@ -1584,7 +1611,7 @@ def load_mnist(data_dir, dataset="mnist", download=True):
         if missing:
             have = sorted(p.name for p in raw.iterdir()) if raw.is_dir() else []
             die(f"{dataset} in {raw}/: found {', '.join(have) if have else 'nothing'}; missing {', '.join(missing)} "
-                f"(plain or .gz); put them there or pass --data-dir <root or .npz>"
+                f"(plain or .gz){failed}; put them there or pass --data-dir <root or .npz>"
                 + ("" if download else " (or drop --no-download to download them)"))
         arrays, source = [read_idx(found[n]) for n in MNIST_FILES], raw
     check_data(source, *arrays, image_shape=(28, 28), n_classes=10)

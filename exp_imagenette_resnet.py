@@ -106,17 +106,17 @@ def image_folders(cfg):
     """The folder holding train/ and val/ (downloading Imagenette into data_dir when allowed)."""
     root = Path(cfg.data_dir)
     candidates = [root, root / "imagenette2-160", root / "imagenette2-320", root / "imagenette2"]
-    found = next((f for f in candidates if (f / "train").is_dir() and (f / "val").is_dir()), None)
+    found, failed = next((f for f in candidates if (f / "train").is_dir() and (f / "val").is_dir()), None), ""
     if found is None and cfg.download:
         try:
             for split in ("train", "val"):
                 torchvision.datasets.Imagenette(root, split=split, size="160px", download=True)
-        except Exception as e:  # no network, a server error, a full disk: say it, then refuse below
-            print(f"download of Imagenette failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        except Exception as e:  # no network, a server error, a full disk: its reason goes into the one line
+            failed = f" ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
         found = next((f for f in candidates if (f / "train").is_dir() and (f / "val").is_dir()), None)
     if found is None:
         common.die(f"no train/ and val/ image folders in {root} (nor in {root}/imagenette2-160/), and Imagenette could "
-                   f"not be downloaded; pass --data-dir <folder with train/<class>/*.jpg and val/<class>/*.jpg>")
+                   f"not be downloaded{failed}; pass --data-dir <folder with train/<class>/*.jpg and val/<class>/*.jpg>")
     return found
 
 

@@ -242,3 +242,69 @@ def test_a_busy_folder_and_a_damaged_checkpoint_are_refused(tmp_path, mnist_dir)
     (out / "checkpoint.pt").write_bytes(b"\x80\x02 damaged")
     refused(run_script("exp_mnist_mlp.py", "--out", out, "--resume", "--steps", "10", ok=False),
             "checkpoint.pt is damaged or not a checkpoint")
+
+
+# ------------------------------------------------------------------------ what up-front checks cannot see
+def test_data_too_small_to_measure_is_refused(tmp_path):
+    for n_train, n_test, message in ((2, 10, "2 train images; at least 3"), (10, 1, "1 test images; at least 2")):
+        path = npz(tmp_path / f"small{n_train}_{n_test}.npz", x_train=np.zeros((n_train, 32, 32, 3), np.uint8),
+                   y_train=np.arange(n_train) % 2, x_test=np.zeros((n_test, 32, 32, 3), np.uint8),
+                   y_test=np.zeros(n_test, np.int64))
+        refused(run_script("exp_cifar_cnn.py", "--quick", "--train-size", "0", "--data-dir", path, "--out",
+                           tmp_path / "run", ok=False), message, tmp_path / "run")
+
+
+@pytest.mark.parametrize("args, message", [(["--steps", "1e30"], "'1e30' is too large a count (at most 1e9)"),
+                                           (["--steps", "5e10"], "--steps 50000000000: at most 1e9"),
+                                           (["--width", "1e18"], "at most 1e9"),
+                                           (["--evals", "1e9"], "--evals 1000000000: at most 1e4 evaluations")])
+def test_huge_counts_are_refused_up_front(tmp_path, args, message):
+    refused(run_script("exp_modular_arith.py", "--quick", *args, "--out", tmp_path / "run", ok=False), message,
+            tmp_path / "run")
+
+
+def test_a_mistyped_matplotlib_backend_is_refused_before_training(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "exp_modular_arith.py"), "--quick", "--device", "cpu", "--out",
+                           str(tmp_path / "run")], env={**ENV, "MPLBACKEND": "Aggg"}, capture_output=True, text=True,
+                          timeout=300)
+    refused(proc, "MPLBACKEND='Aggg' is not a matplotlib back-end", tmp_path / "run")
+
+
+def test_damaged_run_files_end_in_one_line_and_change_nothing(tmp_path):
+    out = tmp_path / "run"
+    run_script("exp_modular_arith.py", "--quick", "--steps", "40", "--out", out)
+    info = json.loads((out / "config.json").read_text())
+    info["config"]["lr"] = "fast"
+    (out / "config.json").write_text(json.dumps(info))
+    before = (out / "config.json").read_bytes()
+    refused(run_script("exp_modular_arith.py", "--out", out, "--resume", "--steps", "80", ok=False),
+            "lr is 'fast', not a float")
+    assert (out / "config.json").read_bytes() == before
+    info["config"]["lr"] = 1e-3
+    (out / "config.json").write_text(json.dumps(info))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join([lines[0], "[1, 2, 3]", *lines[1:]]) + "\n")
+    refused(run_script("tools/runs.py", "redraw", out, ok=False), "metrics.jsonl:2: not a record of this toolkit")
+    refused(run_script("tools/runs.py", "compare", out, "--out", tmp_path / "cmp.png", ok=False), "metrics.jsonl:2")
+
+
+def test_compare_checks_its_output_before_drawing(tmp_path):
+    out = tmp_path / "run"
+    run_script("exp_modular_arith.py", "--quick", "--steps", "40", "--out", out)
+    refused(run_script("tools/runs.py", "compare", out, "--out", tmp_path / "no" / "cmp.png", ok=False),
+            "does not exist; make it first")
+    refused(run_script("tools/runs.py", "compare", out, "--out", tmp_path / "cmp", ok=False), "ending in .png")
+
+
+def test_a_failed_download_gives_its_reason_in_the_one_line(tmp_path, monkeypatch, capsys):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no route to host")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(SystemExit):
+        common.load_mnist(tmp_path, download=True)
+    err = capsys.readouterr()
+    assert "the download failed (Error downloading train-images-idx3-ubyte.gz: no route to host)" in err.err
+    assert err.out == "" and len(err.err.strip().splitlines()) == 1

@@ -193,6 +193,11 @@ def main(argv=None):
     elif args.command == "compare":
         if any(not (math.isfinite(a) and a > 0) for a in args.at):
             die(f"--at {' '.join(map(str, args.at))}: steps must be finite and above 0")
+        out = Path(args.out)
+        if out.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
+            die(f"--out {out}: name a figure file ending in .png, .pdf, .svg or .jpg")
+        if not out.parent.is_dir():
+            die(f"--out {out}: the folder {out.parent} does not exist; make it first")
         print(compare_runs(args.runs, args.out, args.at, args.keys))
         print(f"figure: {args.out}")
     else:
