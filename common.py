@@ -527,7 +527,7 @@ class Probes:
     loss_fn: object  # loss_fn(logits, y): the training loss
     lc_points: dict  # {name: points} where LC is taken: train, test, random (boundary is added)
     directions: torch.Tensor  # (P, D) orthonormal LC directions, in the radii's units (random_directions)
-    anchors: torch.Tensor  # three inputs that span the partition pictures' plane (anchor_points)
+    anchors: tuple  # (x, y): three points that span the partition pictures' plane (anchor_points)
     units: str = "none"  # the radii's units: none = the inputs'; a NORMALISATIONS name = the normalised input's
     papers_clamp: str = "box"  # the papers' attack clamps to box = [0, 1] or normalised = theirs (papers_box)
 
@@ -589,19 +589,21 @@ def measure(model, cfg, probes, timer, step, full=True):
 
 # ----------------------------------------------------------------------------- partition picture
 def anchor_points(x, y):
-    """Three inputs for the partition picture: the first of each of three classes (the first three
-    inputs when fewer than three classes are present)."""
+    """(inputs, labels) of three points for the partition picture: the first of each of three classes
+    (the first three points when fewer than three classes are present)."""
     firsts = [int((y == c).nonzero()[0, 0]) for c in torch.unique(y)[:3].tolist()]
-    return x[torch.tensor(firsts if len(firsts) == 3 else [0, 1, 2], device=x.device)]
+    index = torch.tensor(firsts if len(firsts) == 3 else [0, 1, 2], device=x.device)
+    return x[index], y[index]
 
 
-def partition_picture(model, anchors, path, resolution=300, margin=0.5, batch_size=1024, title=""):
+def partition_picture(model, anchors, path, resolution=300, margin=0.5, batch_size=1024, title="", labels=None):
     """Draws the linear regions of model on the plane x0 + a (x1 - x0) + b (x2 - x0), a, b in
     [-margin, 1 + margin], through three inputs (anchors: (3, ...)), from each grid point's
     activation pattern (region_ids). Left: the regions in random light colours, their edges dark.
     Right: the boundary density, neurons whose sign flips between neighbouring grid points (it
     stays readable where regions are finer than the grid). Red: the decision boundary; dots: the
-    anchors. Returns the number of regions seen on the grid (a lower bound)."""
+    anchors, A, B and C, with their labels (if given) and the predicted class. Returns the number of
+    regions seen on the grid (a lower bound)."""
     import matplotlib
     from matplotlib.figure import Figure
 
@@ -641,15 +643,15 @@ def partition_picture(model, anchors, path, resolution=300, margin=0.5, batch_si
         img[edges(cls)] = (0.85, 0.0, 0.0)
         ax.imshow(img, origin="lower", extent=extent, interpolation="nearest")
         ax.scatter([0, 1, 0], [0, 0, 1], c="tab:blue", s=30, zorder=3)
-        for name, (u, v), p in zip("ABC", [(0, 0), (1, 0), (0, 1)], predicted):
-            ax.annotate(f"{name}: predicted {p}", (u, v), xytext=(4, 4), textcoords="offset points", fontsize=8,
+        for name, (u, v), p, y in zip("ABC", [(0, 0), (1, 0), (0, 1)], predicted, labels or [None] * 3):
+            ax.annotate(f"{name}: " + ("" if y is None else f"class {y}, ") + f"predicted {p}", (u, v), xytext=(4, 4), textcoords="offset points", fontsize=8,
                         color="tab:blue", bbox=dict(boxstyle="round,pad=0.15", fc="white", alpha=0.7, lw=0))
         ax.set_title(f"{title}{what}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     scale = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(low, high), matplotlib.colormaps["viridis"])
     fig.colorbar(scale, ax=axes[1], fraction=0.046, pad=0.02, label="neurons that flip per grid step (2nd-98th pct.)")
-    fig.suptitle("plane through three training images A, B, C (the first of three classes); red: decision boundary",
+    fig.suptitle("plane through three training points A, B, C (the first of three classes); red: decision boundary",
                  fontsize=9)
     fig.savefig(path, dpi=100)
     return n_regions
@@ -782,8 +784,8 @@ def evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer
         name = "fit"
     if name:
         with timer("partition"):
-            partition_picture(model, probes.anchors, Path(run) / f"partition_{name}.png", cfg.partition_resolution,
-                              title=f"step {step}: ")
+            partition_picture(model, probes.anchors[0], Path(run) / f"partition_{name}.png", cfg.partition_resolution,
+                              title=f"step {step}: ", labels=probes.anchors[1].tolist())
     log_metrics(run, rec)
     shown = " ".join(f"{k} {v:.3g}" for k, v in rec.items()
                      if k in ("train_acc", "test_acc", "lc_train", "lc_boundary", "margin_p90", "zero_grad_frac")

@@ -213,11 +213,12 @@ def main(cfg):
     shape = (3, cfg.resolution, cfg.resolution)
     directions = common.random_directions(cfg.lc_directions, 3 * cfg.resolution ** 2, data_gen)
     eval_idx = torch.randperm(len(x_train), generator=data_gen)[:2048].to(device)  # train accuracy on a fixed 2048
+    anchor_x, anchor_y = common.anchor_points(x_train, y_train)
     probes = common.Probes(
         train=(to_input(x_train[eval_idx]), y_train[eval_idx]), test=(x_test, y_test), loss_fn=F.cross_entropy,
         lc_points={"train": lc_train, "test": x_test[:cfg.lc_points],
                    "random": torch.rand(cfg.lc_points, *shape, generator=data_gen).to(device)},
-        directions=directions, anchors=to_input(common.anchor_points(x_train, y_train)), units=units,
+        directions=directions, anchors=(to_input(anchor_x), anchor_y), units=units,
         papers_clamp="normalised")
     eval_steps = common.log_steps(cfg.steps, cfg.evals)
     print(f"{run}: {cfg.arch} ResNet18, {sum(p.numel() for p in model.parameters())} parameters, {len(x_train)} "

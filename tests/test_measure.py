@@ -19,7 +19,7 @@ def tiny_setting(n=12):
     x = torch.rand(n, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     y = model(x).argmax(1).detach()
     fields = dict(train=(x, y), test=(x, y), loss_fn=nn.functional.cross_entropy, lc_points={"train": x, "test": x},
-                  directions=common.random_directions(3, 48, torch.Generator().manual_seed(2)), anchors=x[:3])
+                  directions=common.random_directions(3, 48, torch.Generator().manual_seed(2)), anchors=(x[:3], y[:3]))
     cfg = types.SimpleNamespace(lc_radius=0.05, lc_batch=4, pgd_eps=(0.1,), pgd_alpha=0.05, pgd_steps=3,
                                 pgd_restarts=1, ce32_random_start=False, pgd_points=n, rank_points=n, seed=0)
     return model, fields, cfg

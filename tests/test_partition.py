@@ -69,6 +69,8 @@ def test_boundary_density_counts_the_lines_between_neighbouring_grid_points():
 
 def test_anchor_points_take_three_classes_or_the_first_three_inputs():
     x = torch.arange(6.0).reshape(6, 1)
-    assert common.anchor_points(x, torch.tensor([2, 2, 0, 1, 1, 0])).flatten().tolist() == [2.0, 3.0, 0.0]
-    assert common.anchor_points(x, torch.tensor([1, 1, 0, 0, 1, 0])).flatten().tolist() == [0.0, 1.0, 2.0]
+    points, labels = common.anchor_points(x, torch.tensor([2, 2, 0, 1, 1, 0]))
+    assert points.flatten().tolist() == [2.0, 3.0, 0.0] and labels.tolist() == [0, 1, 2]
+    points, labels = common.anchor_points(x, torch.tensor([1, 1, 0, 0, 1, 0]))
+    assert points.flatten().tolist() == [0.0, 1.0, 2.0] and labels.tolist() == [1, 1, 0]
 
