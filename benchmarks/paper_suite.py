@@ -17,6 +17,7 @@ Imagenette as any train/ + val/ class-folder tree (skipped when absent).
 import argparse
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -99,6 +100,37 @@ def tf32_check(args, out):
     return lines
 
 
+def stored_config(run):
+    """The config.json record of a run folder (None when there is none or it cannot be read)."""
+    try:
+        return json.loads((run / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def run_child(cmd, timeout, name):
+    """Runs one script; returns its exit code, or None when it ran past timeout (then stopped with
+    SIGINT, as Ctrl-C would: it keeps what it logged). Ctrl-C or SIGTERM to the suite reach the
+    script too (SIGTERM is forwarded), and the suite ends in one line once the script has ended."""
+    child = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGTERM, lambda *_: (child.send_signal(signal.SIGTERM), child.wait(),
+                                                         sys.exit(f"paper suite: terminated during {name}; its run "
+                                                                  f"folder keeps what it logged")))
+    try:
+        return child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.send_signal(signal.SIGINT)
+        child.wait()
+        return None
+    except KeyboardInterrupt:  # the script got the same Ctrl-C from the terminal; let it end in its own line
+        child.wait()
+        print(f"paper suite: interrupted during {name}; rerun the same command to continue (runs resume)",
+              file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--budget-minutes", type=float, default=9.0, help="wall-clock budget for the whole suite")
@@ -122,8 +154,10 @@ def main():
     unknown = sorted(set(args.only or []) - set(names))
     if unknown:
         parser.error(f"--only {' '.join(unknown)}: no such setting; choose from {', '.join(names)}")
-    if args.slice_steps < 1 or args.tf32_points < 1:
-        parser.error("--slice-steps and --tf32-points must be positive whole numbers")
+    if not (1 <= args.slice_steps <= 10**7 and 1 <= args.tf32_points <= 10**4):
+        parser.error("--slice-steps (at most 1e7) and --tf32-points (at most 1e4) must be positive whole numbers")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; name a folder for the run folders")
     # smoke runs get their own subfolder: a later real suite never resumes (or reports) a smoke run
     out = Path(args.out) / "smoke" if args.smoke else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,16 +193,19 @@ def main():
             steps = int(default_steps * left / (1.3 * target))
             steps_flag, mode = ["--steps", str(steps)], f"shortened to {steps} steps (budget)"
         run = out / name
+        stored = stored_config(run)
+        if stored is not None and bool(stored.get("quick")) != args.smoke:  # the run's own record, not its folder's name
+            rows.append((name, f"skipped: {run} holds a {'smoke (--quick)' if stored.get('quick') else 'full'} run, not "
+                               f"a {'smoke' if args.smoke else 'full'} one; choose another --out", "", "", "", "", "", paper))
+            continue
         cmd = [sys.executable, str(REPO / script), "--device", args.device, "--out", str(run), *flags, *steps_flag]
         if (run / "checkpoint.pt").exists():
             cmd.append("--resume")
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         started = time.time()
-        try:
-            proc = subprocess.run(cmd, timeout=max(left, 60) if not args.smoke else 600)
-            status = mode if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-        except subprocess.TimeoutExpired:
-            status = "stopped at the budget (metrics so far kept)"
+        returncode = run_child(cmd, timeout=max(left, 60) if not args.smoke else 600, name=name)
+        status = ("stopped at the budget (metrics so far kept)" if returncode is None else
+                  mode if returncode == 0 else f"failed (exit {returncode})")
         wall = time.time() - started
         summary_path = run / "summary.json"
         if not summary_path.exists():
@@ -176,14 +213,16 @@ def main():
             continue
         summary = json.loads(summary_path.read_text())
         t = summary.get("time", {})
-        config = json.loads((run / "config.json").read_text())["config"]
+        config = stored_config(run) or {}
+        if bool(config.get("quick")) != args.smoke:
+            status = f"refused: {run} holds a {'smoke' if config.get('quick') else 'full'} run"
         rate = t.get("train_steps_per_s") or math.nan
         projected = ""
         if mode == "slice":  # the full default schedule: training at the slice's rate, 40 evaluations at their cost
             full_steps = 440_000 if "--dataset" in flags else 350_000
             per_eval = sum(v for k, v in t.items() if k in ("eval_s", "rank_s", "lc_s", "pgd_s", "partition_s")) / 4
             projected = f"{(full_steps / rate + 40 * per_eval) / 60:.0f} min"
-        rows.append((name, status, str(config["steps"]), f"{rate:.0f}", f"{t.get('wall_s', wall):.0f}",
+        rows.append((name, status, str(config.get("steps", "")), f"{rate:.0f}", f"{t.get('wall_s', wall):.0f}",
                      f"{t.get('measurement_fraction', math.nan):.0%}", projected, paper, headline(run)))
     header = "| setting | run | steps | steps/s | wall s | measuring | projected full run | paper | ours |"
     print("\n" + header + "\n" + "|---" * 9 + "|")

@@ -49,11 +49,57 @@ def test_suite_smoke_has_its_own_folder_and_a_rerun_reports_the_stored_runs(suit
 
 
 @pytest.mark.parametrize("args, message", [(["--budget-minutes", "nan"], "finite"), (["--budget-minutes", "0"], "above 0"),
-                                           (["--only", "mnist_mpl"], "no such setting")])
+                                           (["--only", "mnist_mpl"], "no such setting"),
+                                           (["--tf32-points", "1e9"], "invalid int value"),
+                                           (["--tf32-points", "100000"], "at most 1e4")])
 def test_suite_flags_are_checked(tmp_path, args, message):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "paper_suite.py"), "--out", str(tmp_path / "s"),
                            *args], capture_output=True, text=True, env=ENV, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "s").exists()
+
+
+def test_suite_out_naming_a_file_is_refused(tmp_path):
+    (tmp_path / "s").write_text("not a folder")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "paper_suite.py"), "--out", str(tmp_path / "s")],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 2 and "is a file" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_suite_never_reports_a_smoke_run_as_a_full_one(suite, tmp_path):
+    import shutil
+    shutil.copytree(suite[0] / "modular_arith", tmp_path / "modular_arith")  # smoke runs, in a folder of full runs
+    before = {p: p.read_bytes() for p in (tmp_path / "modular_arith").rglob("*") if p.is_file()}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "paper_suite.py"), "--device", "cpu", "--out",
+                           str(tmp_path), "--only", "modular_arith"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = next(line for line in (tmp_path / "suite.md").read_text().splitlines() if line.startswith("| modular_arith"))
+    assert "holds a smoke (--quick) run, not a full one" in row
+    assert {p: p.read_bytes() for p in (tmp_path / "modular_arith").rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_stopping_the_suite_stops_its_script_and_ends_in_one_line(tmp_path, how):
+    import os
+    import signal
+    import time
+    out = tmp_path / "suite"
+    suite = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "paper_suite.py"), "--smoke", "--device", "cpu",
+                              "--out", str(out), "--only", "modular_arith"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=ENV, start_new_session=True)  # its own process group, as a terminal's job
+    run = out / "smoke" / "modular_arith"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    if how == "SIGTERM":
+        suite.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(suite.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole group
+    _, err = suite.communicate(timeout=120)
+    assert suite.returncode in ((1,) if how == "SIGTERM" else (130,)) and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("paper suite: " + ("terminated" if how == "SIGTERM" else "interrupted"))
+    time.sleep(1)
+    alive = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True).stdout.strip()
+    assert not alive  # no orphaned script
 
 
 def test_modular_arith_quick(suite):
