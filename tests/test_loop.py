@@ -62,3 +62,25 @@ def test_no_device_sync_between_evaluations(module, data, request, tmp_path, mon
     short = count_syncs_in_training(monkeypatch, module, flags + ["--steps", "6", "--out", str(tmp_path / "a")])
     long = count_syncs_in_training(monkeypatch, module, flags + ["--steps", "12", "--out", str(tmp_path / "b")])
     assert short == long  # setup may sync once; the 6 extra steps add nothing
+
+
+def test_batch_loss_max_is_the_worst_batch_since_the_previous_evaluation(tmp_path, monkeypatch):
+    """Every training batch's loss recorded as the script computes it (modular arithmetic trains on the
+    full batch of 264 pairs with --quick): each record's batch_loss_max is the maximum of the losses of
+    the steps since the previous evaluation, and step 0's record has none."""
+    import torch.nn.functional as F
+    from conftest import records, run_script
+    original, losses = F.cross_entropy, []
+
+    def recording(logits, target, *args, **kwargs):
+        loss = original(logits, target, *args, **kwargs)
+        if torch.is_grad_enabled() and logits.requires_grad and logits.shape[0] == 264:  # a training step
+            losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(F, "cross_entropy", recording)
+    run_script("exp_modular_arith.py", "--quick", "--out", tmp_path / "run")
+    logged = records(tmp_path / "run")
+    assert len(losses) == 300 and "batch_loss_max" not in logged[0]
+    for before, record in zip(logged, logged[1:]):  # steps before.step .. record.step - 1 ran since `before`
+        assert record["batch_loss_max"] == pytest.approx(max(losses[before["step"]:record["step"]]), rel=1e-6)

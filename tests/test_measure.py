@@ -61,3 +61,55 @@ def test_normalised_radii_are_scaled_by_each_channels_std():
     weaker = common.pgd_accuracy(model, x, y, 0.1 * std / 4, 0.05 * std / 4, 3, loss="ce32", random_start=False,
                                  lo=lo, hi=hi)
     assert weaker > ce32  # ... and radii 4x too small (the misspelt-key failure) from the right ones
+
+
+def test_the_authors_constants_are_pinned_channel_by_channel():
+    # written out from the reference code: grok-adversarial dataloaders.py (Normalize) and configs.py
+    # (dmin, dmax), torchvision's ImageNet constants, and CIFAR-10's own mean and std
+    expected = {"cifar10_authors": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+                "cifar10_true": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+                "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+    for name, (mean, std) in expected.items():
+        got_mean, got_std, source = common.NORMALISATIONS[name]
+        assert tuple(got_mean) == mean and tuple(got_std) == std and source, name
+    lo, hi = common.papers_box("cifar10_authors")  # in [0, 1] pixels, per channel
+    m, s = torch.tensor(expected["cifar10_authors"][0]).reshape(3, 1, 1), torch.tensor(expected["cifar10_authors"][1]).reshape(3, 1, 1)
+    assert torch.allclose((lo - m) / s, torch.full((3, 1, 1), -2.4291), atol=1e-4)  # configs.py: dmin
+    assert torch.allclose((hi - m) / s, torch.full((3, 1, 1), 2.7537), atol=1e-4)  # configs.py: dmax
+
+
+@pytest.mark.parametrize("units, clamp", [("none", "box"), ("cifar10_true", "box"), ("cifar10_true", "normalised")])
+@pytest.mark.parametrize("ce32_random_start", [False, True])
+def test_every_logged_attack_value_equals_the_library_called_by_hand(units, clamp, ce32_random_start):
+    """On 300 points (PGD on the first 250): both attacks at two radii, with radii scaled by each
+    channel's std, the generator seeded by (seed, step) as documented and shared by both attacks, the
+    papers' clamp, the margins' quantiles and the zero-gradient fraction, against the functions."""
+    model, fields, cfg = tiny_setting(300)
+    x, y = fields["test"]
+    cfg = types.SimpleNamespace(**{**vars(cfg), "pgd_eps": (0.03, 0.1), "pgd_points": 250, "seed": 7,
+                                   "ce32_random_start": ce32_random_start})
+    probes = common.Probes(**fields, units=units, papers_clamp=clamp)
+    step = 11
+    rec = common.measure(model, cfg, probes, common.Timer(torch.device("cpu")), step=step)
+    px, py = x[:250], y[:250]
+    std = torch.tensor(STD).reshape(3, 1, 1) if units != "none" else 1.0
+    lo, hi = (0.0, 1.0) if clamp == "box" else common.papers_box(units)
+    gen = torch.Generator().manual_seed(7 * 1_000_003 + step)
+    for eps in cfg.pgd_eps:
+        start = gen.get_state()
+        toolkit = common.pgd_accuracy(model, px, py, eps * std, cfg.pgd_alpha * std, cfg.pgd_steps, generator=gen)
+        papers = common.pgd_accuracy(model, px, py, eps * std, cfg.pgd_alpha * std, cfg.pgd_steps, loss="ce32", lo=lo,
+                                     hi=hi, random_start=ce32_random_start,
+                                     generator=torch.Generator().set_state(start))
+        assert rec[f"pgd_acc_{eps:.3g}"] == toolkit and rec[f"pgd_ce32_acc_{eps:.3g}"] == papers, eps
+    margins = common.logit_margins(model, px, py)
+    for q in (10, 50, 90):
+        assert rec[f"margin_p{q}"] == torch.quantile(margins, q / 100).item()
+    assert rec["zero_grad_frac"] == common.zero_grad_fraction(model, px, py)
+
+
+def test_with_a_random_start_and_no_steps_both_attacks_score_the_same_points():
+    model, fields, cfg = tiny_setting(200)
+    cfg = types.SimpleNamespace(**{**vars(cfg), "pgd_steps": 0, "ce32_random_start": True, "pgd_eps": (0.2,)})
+    rec = common.measure(model, cfg, common.Probes(**fields), common.Timer(torch.device("cpu")), step=3)
+    assert rec["pgd_acc_0.2"] == rec["pgd_ce32_acc_0.2"] < 1.0  # the same random starts, and they fool some

@@ -111,3 +111,9 @@ def test_lc_refuses_bad_radius_integer_images_and_nan_inputs_and_takes_an_int_p(
         common.local_complexity(model, nan, 0.01, 4)
     seeded = common.random_directions(4, x[0].numel(), torch.Generator().manual_seed(0))
     assert torch.equal(common.local_complexity(model, x, 0.05, 4), common.local_complexity(model, x, 0.05, seeded))
+
+
+def test_the_audit_says_so_when_the_radius_is_too_large_for_lc_to_scale():
+    model, x = small_cnn(), torch.rand(32, 3, 16, 16)
+    audit = precision.lc_precision_audit(model, x, 500.0, 10)  # every neuron cut at r and at r/10 alike
+    assert not audit["exact_is_linear"] and audit["exact_ratio"] < 2

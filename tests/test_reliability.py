@@ -45,6 +45,8 @@ SCRIPTS = [exp_modular_arith, exp_mnist_mlp, exp_deep_mlp_rank, exp_cifar_cnn, e
     (["exp_mnist_mlp.py", "--pgd-eps", "eight"], "'eight' is not a number"),
     (["exp_cifar_cnn.py", "--pgd-eps", "8"], "--pgd-eps 8: at or above 1, the width of the inputs' range; give radii as fractions, e.g. 8/255"),
     (["exp_mnist_mlp.py", "--pgd-alpha", "2"], "--pgd-alpha 2: at or above 1"),
+    (["exp_mnist_mlp.py", "--steps", "inf"], "'inf' is not a whole number"),
+    (["exp_mnist_mlp.py", "--pgd-eps", "1/0"], "'1/0' is not a number"),
     (["exp_modular_arith.py", "--model", "lstm"], "invalid choice"),
 ])
 def test_bad_flags_get_one_line_before_anything_is_written(args, message, tmp_path):

@@ -49,3 +49,19 @@ def test_compare_groups_a_sweep_by_the_fields_that_differ_and_refuses_mixed_expe
         proc = run_script("tools/runs.py", "compare", *bad, "--out", tmp_path / "x.png", ok=False)
         assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "x.png").exists()
 
+
+
+def test_compare_refuses_one_folder_under_two_spellings_and_mixed_data_sets(tmp_path):
+    _fake_run(tmp_path / "a", "exp_mnist_mlp.py", {"seed": 0}, (0.1, 0.5, 0.9))
+    proc = run_script("tools/runs.py", "compare", tmp_path / "a", f"{tmp_path}/a/../a", "--out", tmp_path / "x.png", ok=False)
+    assert proc.returncode == 2 and "given twice" in proc.stderr
+    _fake_run(tmp_path / "c", "exp_imagenette_resnet.py", {"dataset": "cifar10"}, (0.1, 0.5, 0.9))
+    _fake_run(tmp_path / "i", "exp_imagenette_resnet.py", {"dataset": "imagenette"}, (0.1, 0.5, 0.9))
+    proc = run_script("tools/runs.py", "compare", tmp_path / "c", tmp_path / "i", "--out", tmp_path / "x.png", ok=False)
+    assert proc.returncode == 2 and "different data sets" in proc.stderr and not (tmp_path / "x.png").exists()
+
+
+def test_compare_at_picks_the_nearest_logged_step_on_the_log_axis(tmp_path):
+    _fake_run(tmp_path / "a", "exp_mnist_mlp.py", {"seed": 0}, (0.1, 0.5, 0.9))  # steps 0, 10, 100
+    table = runs_tool.compare_runs([tmp_path / "a"], tmp_path / "x.png", at=[40], keys=["test_acc"])
+    assert "| test_acc at ~40 (step 100) |" in table  # log(100/40) < log(40/10): 100 is nearer on a log axis
