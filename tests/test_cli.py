@@ -104,6 +104,8 @@ def test_a_test_set_only_copy_gets_the_split_command_which_works(tmp_path, mnist
     x_all = common.read_idx(only_test / "t10k-images-idx3-ubyte")
     assert len(x_train) == 60 and len(x_test) == len(x_all) - 60
     assert (x_train == x_all[:60]).all() and (x_test == x_all[60:]).all()
+    y_all = common.read_idx(only_test / "t10k-labels-idx1-ubyte")
+    assert (y_train == y_all[:60]).all() and (y_test == y_all[60:]).all()  # the labels follow their images
 
 
 def test_quick_runs_get_their_own_default_folder():

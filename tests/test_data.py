@@ -61,12 +61,15 @@ def test_jpeg_class_folders_with_val_give_shapes_and_labels(tmp_path):
     assert (x_train.float() - torch.from_numpy(expected["train"][0]).float()).abs().amax() < 8
 
 
-@pytest.mark.parametrize("script", [["exp_cifar_cnn.py", "--train-size", "0"], ["exp_imagenette_resnet.py", "--dataset", "cifar10"]])
-def test_both_cifar_scripts_run_on_class_folders(tmp_path, script):
+@pytest.mark.parametrize("script, units", [(["exp_cifar_cnn.py", "--train-size", "0"], "cifar10_true"),
+                                           (["exp_imagenette_resnet.py", "--dataset", "cifar10"], "cifar10_authors")])
+def test_both_cifar_scripts_run_on_class_folders(tmp_path, script, units):
     class_folders(tmp_path / "cifar", n=(20, 4))
     run_script(*script, "--quick", "--data-dir", tmp_path / "cifar", "--out", tmp_path / "run")
-    data = __import__("json").loads((tmp_path / "run" / "config.json").read_text())["data"]
-    assert data["shapes"][0][0] == 60 and data["shapes"][2][0] == 12
+    info = __import__("json").loads((tmp_path / "run" / "config.json").read_text())
+    assert info["data"]["shapes"][0][0] == 60 and info["data"]["shapes"][2][0] == 12
+    mean, std, _ = common.NORMALISATIONS[units]  # config.json names the script's normalisation
+    assert info["normalisation"]["name"] == units and info["normalisation"]["std"] == list(std)
 
 
 def _break(root, how):

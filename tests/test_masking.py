@@ -125,3 +125,69 @@ def test_integer_and_nan_inputs_are_refused_and_labels_of_any_integer_dtype_work
     for dtype in (torch.uint8, torch.int16, torch.int32):
         assert common.pgd_accuracy(model, x, y.to(dtype), 0.1, 0.01, 2, generator=gen()) == want
         assert torch.equal(common.logit_margins(model, x, y.to(dtype)), common.logit_margins(model, x, y))
+
+
+def many_points(x, copies=8, seed=5):
+    """More points than one batch of the papers' attack (2048): jittered copies of x, in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    return (x.repeat(copies, 1) + 0.02 * torch.randn(copies * len(x), x.shape[1], generator=g)).clamp(0, 1)
+
+
+def reference_accuracy(model, x, y, eps, alpha, steps, batch):
+    """Accuracy after reference_ce32 run on consecutive batches of `batch` points, from x."""
+    correct = 0
+    for i in range(0, len(x), batch):
+        xb, yb = x[i:i + batch], y[i:i + batch]
+        x_adv = reference_ce32(model, xb, yb, eps, alpha, steps, torch.full_like(xb, 0.5))  # noise 0.5: the start is x
+        with torch.no_grad():
+            correct += (model(x_adv).argmax(1) == yb).sum().item()
+    return correct / len(x)
+
+
+@pytest.mark.parametrize("scale", ["rounding", "underflow"])
+def test_ce32_on_more_than_one_batch_where_float32_matters(scale):
+    """Margins of 15-40 (float32 rounds p_y to 1, so the true class's gradient entry is 0) and of 80-110
+    (the other entries underflow, the batch mean decides which): on 3200 points, the toolkit's papers'
+    attack equals the float32 reference run on batches of 2048, step by step."""
+    model, x, y = hard_mlp()
+    x = many_points(x)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every point starts correct: the margins are the model's
+        median = common.logit_margins(model, x, y).median().item()
+    k = (25.0 if scale == "rounding" else 95.0) / median
+    scaled = Scaled(model, k)
+    margins = common.logit_margins(scaled, x, y)
+    low, high = (15, 40) if scale == "rounding" else (80, 110)
+    assert ((margins > low) & (margins < high)).float().mean() > 0.15  # the regime the test is about
+    got = common.pgd_accuracy(scaled, x, y, 0.1, 0.03, 5, loss="ce32", random_start=False)
+    assert got == reference_accuracy(scaled, x, y, 0.1, 0.03, 5, batch=2048)
+    if scale == "underflow":  # here the batch is part of the attack's definition
+        assert got != reference_accuracy(scaled, x, y, 0.1, 0.03, 5, batch=1024)
+
+
+def test_zero_grad_fraction_counts_gradients_zero_in_every_coordinate():
+    """Against a float32 batch-mean reference gradient, on margins across the underflow threshold and a
+    model with a dead input coordinate (its gradient entry is always 0: it must not count alone)."""
+    model, x, y = hard_mlp()
+    with torch.no_grad():
+        model[0].weight[:, 3] = 0.0  # input coordinate 3 reaches nothing
+    x = many_points(x)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    for k in (1.0, 60.0, 90.0, 120.0, 400.0):
+        scaled = Scaled(model, k)
+        zero = 0
+        for i in range(0, len(x), 2048):
+            xb = x[i:i + 2048].clone().requires_grad_(True)
+            grad, = torch.autograd.grad(nn.CrossEntropyLoss()(scaled(xb), y[i:i + 2048]), xb)
+            zero += (grad == 0).all(1).sum().item()
+        assert common.zero_grad_fraction(scaled, x, y) == zero / len(x), k
+    assert common.zero_grad_fraction(Scaled(model, 1.0), x, y) == 0  # the dead coordinate alone counts for nothing
+    assert 0 < common.zero_grad_fraction(Scaled(model, 120.0), x, y) < 1  # across the threshold
+
+
+def test_logit_margins_do_not_depend_on_the_batch():
+    model, x, y = hard_mlp()
+    x = many_points(x)
+    y = torch.randint(0, 2, (len(x),), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(common.logit_margins(model, x, y, batch_size=1024), common.logit_margins(model, x, y, 5000))

@@ -244,3 +244,21 @@ def test_a_damaged_checkpoint_is_refused_and_the_folder_left_as_it_was(tmp_path,
     before = _folder_bytes(out)
     refused(run_script("exp_modular_arith.py", "--out", out, "--resume", "--steps", "80", ok=False), message)
     assert _folder_bytes(out) == before
+
+
+def test_two_real_processes_on_one_folder_the_second_is_refused_by_the_lock(tmp_path):
+    import time
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, str(REPO / "exp_modular_arith.py"), "--device", "cpu", "--quick", "--steps",
+                              "1000000", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "metrics.jsonl").exists():
+            time.sleep(0.2)
+        second = subprocess.run([sys.executable, str(REPO / "exp_modular_arith.py"), "--device", "cpu", "--out", str(out),
+                                 "--resume"], capture_output=True, text=True, env=ENV, timeout=300)
+        refused(second, f"is in use by another process (pid {first.pid})")
+        assert first.poll() is None  # the first goes on
+    finally:
+        first.kill()
+        first.wait()
