@@ -227,7 +227,9 @@ def test_a_run_that_stopped_before_its_checkpoint_starts_again_in_its_folder(tmp
     run_script("exp_mnist_mlp.py", *flags, "--steps", "20")  # same folder, nothing deleted by hand
     assert json.loads((out / "config.json").read_text())["config"]["init_scale"] == 1.0
     assert (out / "metrics.failed.jsonl").read_text().splitlines() == lines
-    assert records(out)[-1]["step"] == 20
+    fresh = tmp_path / "fresh"  # the same run in a folder of its own: every record, not only the last, is its
+    run_script("exp_mnist_mlp.py", *flags[:-1], fresh, "--steps", "20")
+    assert records(out) == records(fresh) and records(out)[-1]["step"] == 20
 
 
 def test_a_busy_folder_and_a_damaged_checkpoint_are_refused(tmp_path, mnist_dir):

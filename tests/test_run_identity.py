@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import common
-from conftest import ENV, REPO, refused, run_script
+from conftest import ENV, REPO, records, refused, run_script
 
 QUICK = ["--quick", "--no-download", "--steps", "20"]
 
@@ -262,3 +262,23 @@ def test_two_real_processes_on_one_folder_the_second_is_refused_by_the_lock(tmp_
     finally:
         first.kill()
         first.wait()
+
+
+def test_a_resume_killed_before_its_first_checkpoint_resumes_again(tmp_path):
+    import time
+    out = tmp_path / "run"
+    run_script("exp_modular_arith.py", "--quick", "--steps", "300", "--out", out)
+    before = records(out)
+    extended = subprocess.Popen([sys.executable, str(REPO / "exp_modular_arith.py"), "--device", "cpu", "--out", str(out),
+                                 "--resume", "--steps", "20000", "--evals", "2"], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, env=ENV)
+    for line in extended.stdout:  # killed once it has resumed, long before its next evaluation (step 20000)
+        if "resumed from the checkpoint at step 300" in line:
+            break
+    time.sleep(0.5)
+    extended.kill()
+    extended.wait()
+    assert records(out) == before
+    run_script("exp_modular_arith.py", "--out", out, "--resume", "--steps", "400", "--evals", "2")
+    after = records(out)
+    assert after[:len(before)] == before and after[-1]["step"] == 400

@@ -65,3 +65,19 @@ def test_compare_at_picks_the_nearest_logged_step_on_the_log_axis(tmp_path):
     _fake_run(tmp_path / "a", "exp_mnist_mlp.py", {"seed": 0}, (0.1, 0.5, 0.9))  # steps 0, 10, 100
     table = runs_tool.compare_runs([tmp_path / "a"], tmp_path / "x.png", at=[40], keys=["test_acc"])
     assert "| test_acc at ~40 (step 100) |" in table  # log(100/40) < log(40/10): 100 is nearer on a log axis
+
+
+def test_one_band_per_group_of_seeds_and_none_for_single_runs(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+    bands = []
+    original = Axes.fill_between
+    monkeypatch.setattr(Axes, "fill_between", lambda self, *a, **k: (bands.append(k.get("color")), original(self, *a, **k))[1])
+    for wd in (0.1, 1.0):
+        for seed in (0, 1):
+            _fake_run(tmp_path / f"wd{wd}_s{seed}", "exp_mnist_mlp.py", {"weight_decay": wd, "seed": seed},
+                      (0.1, 0.5, 0.6 + 0.1 * seed))
+    runs_tool.compare_runs([tmp_path / "wd0.1_s0", tmp_path / "wd1.0_s0"], tmp_path / "singles.png")
+    assert bands == []  # one run per setting: no band
+    runs_tool.compare_runs(sorted(tmp_path.glob("wd*")), tmp_path / "seeds.png")
+    assert len(bands) == 2 * 2  # per setting, one band for each of train_acc and test_acc
+    assert sorted(set(bands)) == ["C0", "C1"]  # in its setting's colour
