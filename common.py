@@ -367,8 +367,8 @@ def pgd_attack(model, x, y, eps, alpha, steps, random_start=True, restarts=1, lo
     y = _as_labels(y, len(x))
     eps, alpha, lo, hi = (torch.as_tensor(t, dtype=x.dtype, device=x.device) for t in (eps, alpha, lo, hi))
     if (x < lo - 1e-5).any() or (x > hi + 1e-5).any():  # (a box computed from mean/std rounds)
-        raise ValueError(f"pgd_attack: inputs lie outside the box the attack clamps to ({x.min().item():g}..{x.max().item():g}"
-                         f" against lo..hi); scale images to [0, 1] (x / 255) or pass lo and hi")
+        raise ValueError(f"pgd_attack: inputs lie outside the box the attack clamps to ({x.min().item():g}.."
+                         f"{x.max().item():g} against lo..hi); scale images to [0, 1] (x / 255) or pass lo and hi")
     if not eps.any():
         return x.clone()
     best = x.clone()
@@ -644,7 +644,8 @@ def partition_picture(model, anchors, path, resolution=300, margin=0.5, batch_si
         ax.imshow(img, origin="lower", extent=extent, interpolation="nearest")
         ax.scatter([0, 1, 0], [0, 0, 1], c="tab:blue", s=30, zorder=3)
         for name, (u, v), p, y in zip("ABC", [(0, 0), (1, 0), (0, 1)], predicted, labels or [None] * 3):
-            ax.annotate(f"{name}: " + ("" if y is None else f"class {y}, ") + f"predicted {p}", (u, v), xytext=(4, 4), textcoords="offset points", fontsize=8,
+            label = f"{name}: " + ("" if y is None else f"class {y}, ") + f"predicted {p}"
+            ax.annotate(label, (u, v), xytext=(4, 4), textcoords="offset points", fontsize=8,
                         color="tab:blue", bbox=dict(boxstyle="round,pad=0.15", fc="white", alpha=0.7, lw=0))
         ax.set_title(f"{title}{what}", fontsize=9)
         ax.set_xticks([])
@@ -906,6 +907,8 @@ def cli(main, config_class, argv=None):
 # resume's device is recorded in config.json.)
 NOT_THE_EXPERIMENT = ("steps", "evals", "evals_every", "rank_every", "device", "data_dir", "download", "out", "resume",
                       "continue_anyway")
+
+
 def number(text):
     """A float from the command line; a fraction such as 8/255 is welcome."""
     try:
@@ -1033,32 +1036,7 @@ def check_config(cfg, input_dim=None):
     return cfg
 
 
-# ----------------------------------------------------------------------------- run folder
-def git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5,
-                               cwd=Path(__file__).resolve().parent).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def script_of(info):
-    """The script that made a run, from its config.json (older runs: from the command line)."""
-    words = info.get("command", "").split()
-    return info.get("script") or (Path(words[1]).name if len(words) > 1 else None)
-
-
-def code_hashes():
-    """sha256 of the running script and of common.py: identifies the code of a run made outside a
-    git checkout (a script copied into coursework)."""
-    files = {Path(sys.argv[0]).resolve(), Path(__file__).resolve()}
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted(files) if p.is_file()}
-
-
-_LOCKS = []  # open lock files: held for the life of the process
+# ------------------------------------------------------------- run folder: start, log, checkpoint, resume, finish
 
 
 def start_run(out, config, device, notes=None):
@@ -1166,16 +1144,6 @@ def write_atomic(path, data):
     os.replace(tmp, path)
 
 
-def data_fingerprint(*tensors):
-    """Shapes and a hash of the data actually loaded (train and test tensors): a moved folder keeps
-    its fingerprint, other contents do not. For config.json, so --resume can refuse other data."""
-    digest = hashlib.sha256()
-    for t in tensors:
-        digest.update(str((tuple(t.shape), str(t.dtype))).encode())
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return {"shapes": [list(t.shape) for t in tensors], "sha256": digest.hexdigest()[:20]}
-
-
 def _strict(value):
     """NaN and infinities as null: metrics.jsonl stays valid JSON for strict readers."""
     return value if not isinstance(value, float) or math.isfinite(value) else None
@@ -1248,30 +1216,6 @@ def save_checkpoint(run, model, optimizer, step, generators, seconds=None):
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
              "seconds": seconds or {}}
     write_atomic(Path(run) / "checkpoint.pt", to_bytes(state))
-
-
-def read_checkpoint(run, steps):
-    """The checkpoint (weights_only: loading runs no code), checked before anything is written: its
-    entries, a whole-number step between 0 and --steps that metrics.jsonl logged. A damaged or
-    inconsistent one ends the program in one line."""
-    path = Path(run) / "checkpoint.pt"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        missing = [k for k in ("model", "optimizer", "step", "generators", "rng_cpu", "rng_cuda") if k not in state]
-    except Exception as e:  # torch.load raises many types on a damaged file
-        die(f"{path} is damaged or not a checkpoint of this toolkit ({type(e).__name__}); start again in a new --out")
-    if missing:
-        die(f"{path} lacks {', '.join(missing)}: not a checkpoint of this toolkit; start again in a new --out")
-    step = state["step"]
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        die(f"{path}: its step {step!r} is not a whole number >= 0; the file is damaged, start again in a new --out")
-    if step > steps:
-        die(f"--resume: {run} is at step {step}, past --steps {steps}; give --steps {step} or more")
-    logged = {r["step"] for r in read_metrics(run)}
-    if step not in logged:
-        die(f"{path} is at step {step} but metrics.jsonl logged no evaluation there; the two files do not belong "
-            f"together: restore them, or start a new --out")
-    return state
 
 
 def restore(run, state, model, optimizer, generators, timer=None):
@@ -1368,6 +1312,12 @@ def finish_run(run, timer, train_steps):
     return summary
 
 
+# ----------------------------------------------------------------------------- integrity: the same run, or a refusal
+# What makes a resumed run the same run: the lock, provenance (git commit, code hashes), the data's
+# fingerprint, the checks of a loaded checkpoint. A reader of the run folder may skip this part.
+_LOCKS = []  # open lock files: held for the life of the process
+
+
 def release(run):
     """Lets go of the run folder: its lock file goes (a finished folder holds no lock)."""
     lock = Path(run) / ".lock"
@@ -1375,6 +1325,64 @@ def release(run):
         lock.unlink(missing_ok=True)
         held.close()
         _LOCKS.remove(held)
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5,
+                               cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def script_of(info):
+    """The script that made a run, from its config.json (older runs: from the command line)."""
+    words = info.get("command", "").split()
+    return info.get("script") or (Path(words[1]).name if len(words) > 1 else None)
+
+
+def code_hashes():
+    """sha256 of the running script and of common.py: identifies the code of a run made outside a
+    git checkout (a script copied into coursework)."""
+    files = {Path(sys.argv[0]).resolve(), Path(__file__).resolve()}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted(files) if p.is_file()}
+
+
+def data_fingerprint(*tensors):
+    """Shapes and a hash of the data actually loaded (train and test tensors): a moved folder keeps
+    its fingerprint, other contents do not. For config.json, so --resume can refuse other data."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(str((tuple(t.shape), str(t.dtype))).encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return {"shapes": [list(t.shape) for t in tensors], "sha256": digest.hexdigest()[:20]}
+
+
+def read_checkpoint(run, steps):
+    """The checkpoint (weights_only: loading runs no code), checked before anything is written: its
+    entries, a whole-number step between 0 and --steps that metrics.jsonl logged. A damaged or
+    inconsistent one ends the program in one line."""
+    path = Path(run) / "checkpoint.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in ("model", "optimizer", "step", "generators", "rng_cpu", "rng_cuda") if k not in state]
+    except Exception as e:  # torch.load raises many types on a damaged file
+        die(f"{path} is damaged or not a checkpoint of this toolkit ({type(e).__name__}); start again in a new --out")
+    if missing:
+        die(f"{path} lacks {', '.join(missing)}: not a checkpoint of this toolkit; start again in a new --out")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        die(f"{path}: its step {step!r} is not a whole number >= 0; the file is damaged, start again in a new --out")
+    if step > steps:
+        die(f"--resume: {run} is at step {step}, past --steps {steps}; give --steps {step} or more")
+    logged = {r["step"] for r in read_metrics(run)}
+    if step not in logged:
+        die(f"{path} is at step {step} but metrics.jsonl logged no evaluation there; the two files do not belong "
+            f"together: restore them, or start a new --out")
+    return state
 
 
 # ----------------------------------------------------------------------------- plots
@@ -1676,7 +1684,8 @@ def load_image_folders(root, resolution, resize=False):
         other = "train" if split != "train" else test_split
         missing = sorted(set(splits[other]) - set(folders))
         if missing:
-            die(f"{root / split}: no class folder {', '.join(missing)} (it is in {other}/); both splits need the same classes")
+            die(f"{root / split}: no class folder {', '.join(missing)} (it is in {other}/); both splits need the same "
+                f"classes")
         empty = next((c for c, files in folders.items() if not files), None)
         if empty is not None:
             die(f"{root / split / empty}: a class folder without images")
@@ -1719,8 +1728,8 @@ def load_image_folders(root, resolution, resize=False):
     try:
         write_atomic(cache, to_bytes(tensors))
     except OSError as e:  # a read-only folder, a full disk
-        warnings.warn(f"cannot cache the decoded images in {root} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}); "
-                      "they will be decoded again next time")
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        warnings.warn(f"cannot cache the decoded images in {root} ({reason}); they will be decoded again next time")
     return tensors
 
 
