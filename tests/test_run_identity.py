@@ -202,14 +202,14 @@ def test_a_resume_on_changed_code_is_refused_unless_continued_knowingly(tmp_path
         return subprocess.run([sys.executable, "exp_modular_arith.py", "--device", "cpu", *args], cwd=tmp_path, env=ENV,
                               capture_output=True, text=True, timeout=300)
 
-    assert run("--quick", "--steps", "100", "--out", "run").returncode == 0
+    assert run("--quick", "--steps", "40", "--out", "run", "--evals", "3").returncode == 0
     with open(tmp_path / "common.py", "a") as f:
         f.write("\n# an edit between the interruption and the resume\n")
     before = _folder_bytes(tmp_path / "run")
-    proc = run("--out", "run", "--resume", "--steps", "200")
+    proc = run("--out", "run", "--resume", "--steps", "60")
     assert proc.returncode == 2 and "changed code: common.py" in proc.stderr and "--continue-anyway" in proc.stderr
     assert _folder_bytes(tmp_path / "run") == before  # nothing written, not even a lock
-    assert run("--out", "run", "--resume", "--steps", "200", "--continue-anyway").returncode == 0
+    assert run("--out", "run", "--resume", "--steps", "60", "--continue-anyway").returncode == 0
     resumed = json.loads((tmp_path / "run" / "config.json").read_text())["resumed"][-1]
     assert resumed["continued_anyway"] == ["changed code: common.py"]
 

@@ -200,7 +200,7 @@ def test_a_copied_script_with_new_fields_runs_outside_the_repository(tmp_path, m
     script = script.replace(layer, "        layers += [nn.Linear(width_in, cfg.width), nn.ReLU(), nn.Dropout(cfg.dropout)]\n")
     (tmp_path / "exp_mnist_mlp.py").write_text(script)
     proc = subprocess.run([sys.executable, "exp_mnist_mlp.py", "--quick", "--device", "cpu", "--no-download",
-                           "--data-dir", str(mnist_dir), "--dropout", "0.2", "--out", "run"], cwd=tmp_path, env=ENV,
+                           "--data-dir", str(mnist_dir), "--dropout", "0.2", "--steps", "20", "--out", "run"], cwd=tmp_path, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
