@@ -1080,51 +1080,50 @@ def start_run(out, config, device, notes=None):
             "normalisation": {"name": "none", "source": "the model sees its inputs as given: [0, 1] pixels (one-hot "
                                                        "entries for modular arithmetic); radii are in those units"},
             **(notes or {})}
-    try:
+    try:  # every refusal below leaves the folder as it was: the lock goes with it
         state = read_checkpoint(run, config.steps) if has_checkpoint else None
+        if state is not None and int(state["step"]) == config.steps and (run / "summary.json").exists():
+            print(f"{run} finished at step {config.steps}: nothing to do, nothing changed (give --steps N to extend it)")
+            raise SystemExit(0)
+        if has_checkpoint:
+            stored = json.loads((run / "config.json").read_text())
+            anyway = []  # what could not be checked, continued with --continue-anyway
+            stored_hashes = stored.get("code_sha256", {})
+            changed_code = sorted(k for k, v in info["code_sha256"].items() if stored_hashes.get(k) != v)
+            if changed_code:
+                anyway.append(f"changed code: {', '.join(changed_code)}")
+            if "data" in info and "data" not in stored:
+                anyway.append("data made before fingerprints")
+            if anyway and not getattr(config, "continue_anyway", False):
+                die(f"--resume: {run} cannot be continued as it started ({'; '.join(anyway)}): the records could mix two "
+                    f"versions of the code or two data sets. Continue knowingly with --continue-anyway (recorded in "
+                    f"config.json), or start a new --out")
+            if "data" in stored and "data" in info and stored["data"] != info["data"]:
+                die(f"--resume: {run} was trained on other data (shapes {stored['data']['shapes']}, hash "
+                    f"{stored['data']['sha256']}; now {info['data']['shapes']}, {info['data']['sha256']}); point --data-dir "
+                    f"at the data it ran on, or start a new --out")
+            saved = state.get("config")
+            if saved is not None:
+                edited = [k for k, v in json.loads(json.dumps(saved)).items()
+                          if k not in NOT_THE_EXPERIMENT and stored["config"].get(k) != v]
+                if edited:
+                    die(f"--resume: {run}/config.json no longer matches its checkpoint ({', '.join(edited)} differ); "
+                        f"restore config.json or start a new --out")
+            changed = {k: v for k, v in json.loads(json.dumps(info["config"])).items() if stored["config"].get(k) != v}
+            stored.setdefault("resumed", []).append({k: info[k] for k in ("command", "git_commit", "device", "started")}
+                                                    | {"changed": changed} | ({"continued_anyway": anyway} if anyway else {}))
+            stored["config"].update({k: v for k, v in changed.items() if k in NOT_THE_EXPERIMENT and k != "resume"})
+            info = stored  # the original record, with the schedule now in force (a later --resume continues it)
+        else:
+            if config.resume:
+                print(f"{run}: no checkpoint yet, so the run starts from step 0")
+            if (run / "metrics.jsonl").exists():
+                os.replace(run / "metrics.jsonl", run / "metrics.failed.jsonl")
+                print(f"{run}: the metrics of the attempt that stopped before its first checkpoint are kept in "
+                      f"metrics.failed.jsonl")
     except SystemExit:
         release(run)
         raise
-    if state is not None and int(state["step"]) == config.steps and (run / "summary.json").exists():
-        print(f"{run} finished at step {config.steps}: nothing to do, nothing changed (give --steps N to extend it)")
-        release(run)
-        raise SystemExit(0)
-    if has_checkpoint:
-        stored = json.loads((run / "config.json").read_text())
-        anyway = []  # what could not be checked, continued with --continue-anyway
-        changed_code = sorted(k for k, v in info["code_sha256"].items() if stored.get("code_sha256", {}).get(k) != v)
-        if changed_code:
-            anyway.append(f"changed code: {', '.join(changed_code)}")
-        if "data" in info and "data" not in stored:
-            anyway.append("data made before fingerprints")
-        if anyway and not getattr(config, "continue_anyway", False):
-            release(run)
-            die(f"--resume: {run} cannot be continued as it started ({'; '.join(anyway)}): the records could mix two "
-                f"versions of the code or two data sets. Continue knowingly with --continue-anyway (recorded in "
-                f"config.json), or start a new --out")
-        if "data" in stored and "data" in info and stored["data"] != info["data"]:
-            die(f"--resume: {run} was trained on other data (shapes {stored['data']['shapes']}, hash "
-                f"{stored['data']['sha256']}; now {info['data']['shapes']}, {info['data']['sha256']}); point --data-dir "
-                f"at the data it ran on, or start a new --out")
-        saved = state.get("config")
-        if saved is not None:
-            edited = [k for k, v in json.loads(json.dumps(saved)).items()
-                      if k not in NOT_THE_EXPERIMENT and stored["config"].get(k) != v]
-            if edited:
-                die(f"--resume: {run}/config.json no longer matches its checkpoint ({', '.join(edited)} differ); "
-                    f"restore config.json or start a new --out")
-        changed = {k: v for k, v in json.loads(json.dumps(info["config"])).items() if stored["config"].get(k) != v}
-        stored.setdefault("resumed", []).append({k: info[k] for k in ("command", "git_commit", "device", "started")}
-                                                | {"changed": changed} | ({"continued_anyway": anyway} if anyway else {}))
-        stored["config"].update({k: v for k, v in changed.items() if k in NOT_THE_EXPERIMENT and k != "resume"})
-        info = stored  # the original record, with the schedule now in force (a later --resume continues it)
-    else:
-        if config.resume:
-            print(f"{run}: no checkpoint yet, so the run starts from step 0")
-        if (run / "metrics.jsonl").exists():
-            os.replace(run / "metrics.jsonl", run / "metrics.failed.jsonl")
-            print(f"{run}: the metrics of the attempt that stopped before its first checkpoint are kept in "
-                  f"metrics.failed.jsonl")
     if state is None:
         write_atomic(run / "config.json", json.dumps(info, indent=2))
     else:  # written by restore once the checkpoint has loaded: a refused resume leaves the folder as it was
