@@ -130,6 +130,40 @@ def test_cifar_cnn_quick(suite):
     assert config["pixel_units"]["lc_radius"] == [0.001235, 0.001218, 0.001308]  # 0.005 * CIFAR-10's std
 
 
+def test_masked_points_recomputes_the_logged_attacks_and_finds_masking(suite, cifar_npz, tmp_path):
+    """benchmarks/masked_points.py on the quick CIFAR run: on the run's own device its counts are the
+    logged ones; with the head scaled by 1e4 every correct point saturates float32, so the papers'
+    attack survivors are exactly the zero-gradient points, and they are every correct point."""
+    import shutil
+    import torch
+
+    def table(run):
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "masked_points.py"), str(run), "--data-dir",
+                               str(cifar_npz)], capture_output=True, text=True, env=ENV, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        zero = int(proc.stdout.split("zero gradient at ")[1].split()[0])
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
+                if line.startswith("| ") and "/255" in line]
+        return zero, proc.stdout, rows
+
+    zero, out, rows = table(suite[0] / "cifar_cnn")
+    assert len(rows) == 3 and f"logged at this step: zero gradient at {zero}" in out
+    for eps, papers, _, _, toolkit in rows:
+        for cell in (papers, toolkit):  # "n (logged n)"
+            now, logged = cell.split(" (")
+            assert now == logged.rstrip(")"), (eps, cell)
+    run = tmp_path / "saturated"
+    shutil.copytree(suite[0] / "cifar_cnn", run)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    head = [k for k in state["model"] if k.endswith("weight")][-1]
+    state["model"][head] *= 1e4
+    torch.save(state, run / "checkpoint.pt")
+    zero, out, rows = table(run)
+    assert zero > 0
+    for eps, papers, of_them_zero, _, _ in rows:
+        assert int(papers.split()[0]) == int(of_them_zero) == zero, (eps, out)
+
+
 def test_imagenette_resnet_quick(suite, image_folder):
     run = suite[0] / "imagenette_resnet"
     check_run_folder(run)
