@@ -4,7 +4,8 @@ torch.compile on and off, for the MNIST MLP and the CIFAR CNN; on a GPU also aga
 whole step captured as one CUDA graph ("/floor": the scripts' loop over it; target >= 0.8).
 
     python benchmarks/bench_loop.py                 # CPU (and GPU when there is one)
-    python benchmarks/bench_loop.py --compile       # also time torch.compile (slow to compile)
+    python benchmarks/bench_loop.py --compile       # also time --compile (slow to compile)
+    python benchmarks/bench_loop.py --compile --threads --steps 2000     # the GPU alone
 
 The DataLoader loop reads a data set whose __getitem__ is torchvision's MNIST / CIFAR10 one
 (a uint8 array in memory -> PIL image -> transform=ToTensor()), shuffled, with 0 and 2 workers.
@@ -117,7 +118,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts to time")
+    parser.add_argument("--threads", type=int, nargs="*", default=[1, 2],
+                        help="CPU thread counts to time (none: the GPU alone)")
     args = parser.parse_args()
     runs = [(torch.device("cpu"), t) for t in args.threads] + ([(torch.device("cuda"), 1)] if torch.cuda.is_available() else [])
     settings = {"mnist_mlp": (exp_mnist_mlp.make_model, exp_mnist_mlp.Config(), (1, 28, 28), 200, exp_mnist_mlp.mse_one_hot),
@@ -135,7 +137,8 @@ def main():
             plain2 = dataloader_loop(make(cfg).to(device), shape, batch, args.steps, device, loss_fn, 2)
             compiled = captured = float("nan")
             if args.compile:
-                compiled = tensor_loop(torch.compile(make(cfg).to(device)), x, y, batch, args.steps, device, loss_fn)
+                model = make(cfg).to(device)  # as the scripts' --compile: CUDA graphs on a GPU
+                compiled = tensor_loop(common.compiled(model, True, device), x, y, batch, args.steps, device, loss_fn)
             if device.type == "cuda":
                 captured = captured_loop(make(cfg).to(device), x, y, batch, args.steps, device, loss_fn)
             print(f"{name:<10} {device.type:<7} {threads:>7} {fast:>12.1f} {plain0:>15.1f} {plain2:>15.1f} "
