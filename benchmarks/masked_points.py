@@ -7,7 +7,7 @@ gradient at the clean point / survives the toolkit's attack (float64 log(1 - p_y
 with the margins of each group. If the survivors of the papers' attack are the zero-gradient points
 and the toolkit's attack fools them, their "robustness" is gradient masking.
 
-    python benchmarks/masked_points.py results/gpu/cifar_cnn_full --data-dir data/cifar10_jpeg
+    python benchmarks/masked_points.py results/gpu/cifar_cnn --data-dir data/cifar10_jpeg
 
 Runs on the CPU in about two minutes (1024 points). The logged counts stand beside the recomputed
 ones: on the device the run used they agree exactly; from a GPU run's checkpoint the CPU's float32

@@ -4,7 +4,9 @@ Runs each script at its default (paper) setting into results/gpu/<setting>/ (the
 long for one budget, as a measured slice with the full run's time projected from it), then prints
 one table: steps/s, wall time, the fraction of it spent measuring, and each setting's headline
 numbers next to the paper's (SPEC section 4). A setting that would not fit the budget left is
-shortened (fewer steps, said in the table) or skipped (said too).
+shortened (fewer steps, said in the table) or skipped (said too); one whose full run finished
+earlier in the same folder (results/gpu/cifar_cnn: the CIFAR CNN, 2.6e5 steps) is tabulated
+without running it again.
 
     python benchmarks/paper_suite.py --budget-minutes 9              # one GPU (targets: H100/H200)
     python benchmarks/paper_suite.py --smoke --out /tmp/suite        # the same code, tiny, on CPU
@@ -108,6 +110,14 @@ def stored_config(run):
         return None
 
 
+def last_step(run):
+    """The step of a run folder's last logged record (None when there is none)."""
+    try:
+        return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    except (OSError, ValueError, IndexError, KeyError, TypeError):
+        return None
+
+
 def run_child(cmd, timeout, name):
     """Runs one script; returns its exit code, or None when it ran past timeout (then stopped with
     SIGINT, as Ctrl-C would: it keeps what it logged). Ctrl-C or SIGTERM to the suite reach the
@@ -179,10 +189,15 @@ def main():
             if not Path(path).exists():
                 rows.append((name, f"skipped: no data at {path}", "", "", "", "", "", paper))
                 continue
+        run = out / name
+        stored = stored_config(run)
+        finished = stored is not None and not args.smoke and last_step(run) == stored.get("steps")
         left = deadline - time.time()
         steps_flag, mode = [], "full"
         if args.smoke:
             steps_flag, mode = ["--quick"], "smoke"
+        elif finished:  # a full run made earlier: tabulated, not run again
+            mode = "finished earlier (not rerun)"
         elif target is None:
             steps_flag, mode = ["--steps", str(args.slice_steps), "--evals", "3"], "slice"
         elif left < 0.2 * target:
@@ -192,8 +207,6 @@ def main():
             default_steps = {"modular_arith": 10_000, "cifar_cnn": 260_000}.get(name, 100_000)
             steps = int(default_steps * left / (1.3 * target))
             steps_flag, mode = ["--steps", str(steps)], f"shortened to {steps} steps (budget)"
-        run = out / name
-        stored = stored_config(run)
         if stored is not None and bool(stored.get("quick")) != args.smoke:  # the run's own record, not its folder's name
             rows.append((name, f"skipped: {run} holds a {'smoke (--quick)' if stored.get('quick') else 'full'} run, not "
                                f"a {'smoke' if args.smoke else 'full'} one; choose another --out", "", "", "", "", "", paper))
@@ -201,9 +214,12 @@ def main():
         cmd = [sys.executable, str(REPO / script), "--device", args.device, "--out", str(run), *flags, *steps_flag]
         if (run / "checkpoint.pt").exists():
             cmd.append("--resume")
-        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         started = time.time()
-        returncode = run_child(cmd, timeout=max(left, 60) if not args.smoke else 600, name=name)
+        if finished:
+            returncode = 0
+        else:
+            print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+            returncode = run_child(cmd, timeout=max(left, 60) if not args.smoke else 600, name=name)
         status = ("stopped at the budget (metrics so far kept)" if returncode is None else
                   mode if returncode == 0 else f"failed (exit {returncode})")
         wall = time.time() - started

@@ -77,6 +77,22 @@ def test_suite_never_reports_a_smoke_run_as_a_full_one(suite, tmp_path):
     assert {p: p.read_bytes() for p in (tmp_path / "modular_arith").rglob("*") if p.is_file()} == before
 
 
+def test_suite_tabulates_a_finished_full_run_without_running_it_again(suite, tmp_path):
+    import shutil
+    run = tmp_path / "modular_arith"
+    shutil.copytree(suite[0] / "modular_arith", run)
+    info = json.loads((run / "config.json").read_text())
+    info["config"]["quick"] = False  # as a full run's record: finished at its own --steps
+    (run / "config.json").write_text(json.dumps(info))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "paper_suite.py"), "--device", "cpu", "--out",
+                           str(tmp_path), "--only", "modular_arith"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = next(line for line in (tmp_path / "suite.md").read_text().splitlines() if line.startswith("| modular_arith"))
+    assert "finished earlier (not rerun)" in row and "== modular_arith" not in proc.stdout
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
 def test_stopping_the_suite_stops_its_script_and_ends_in_one_line(tmp_path, how):
     import os
