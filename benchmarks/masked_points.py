@@ -9,9 +9,9 @@ and the toolkit's attack fools them, their "robustness" is gradient masking.
 
     python benchmarks/masked_points.py results/gpu/cifar_cnn --data-dir data/cifar10_jpeg
 
-Runs on the CPU in about two minutes (1024 points). The logged counts stand beside the recomputed
-ones: on the device the run used they agree exactly; from a GPU run's checkpoint the CPU's float32
-rounding moves the zero-gradient threshold, and its random starts differ.
+Runs on the CPU in about two minutes (1024 points; --device cuda: seconds). The logged counts
+stand beside the recomputed ones: on the device the run used they agree exactly; from a GPU run's
+checkpoint the CPU's float32 rounding moves the zero-gradient threshold, and its random starts differ.
 """
 import argparse
 import json
@@ -30,6 +30,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", help="a run folder of exp_cifar_cnn.py with a checkpoint")
     parser.add_argument("--data-dir", help="the run's data (default: its config's data_dir)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: on the run's own device the counts are the logged ones")
     args = parser.parse_args()
     run = Path(args.run)
     stored = json.loads((run / "config.json").read_text())["config"]
@@ -44,14 +45,17 @@ def main():
     data_gen = torch.Generator().manual_seed(cfg.seed)
     common.take_train_subset(cfg, len(x_train), data_gen)
     order = torch.randperm(len(x_test), generator=data_gen)[:cfg.pgd_points]
-    x, y = x_test[order].permute(0, 3, 1, 2).float().div(255), y_test[order]
+    device = common.pick_device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # exact float32, as measure()
+    model = model.to(device)
+    x, y = x_test[order].permute(0, 3, 1, 2).float().div(255).to(device), y_test[order].to(device)
 
-    scale = common.channel_std(script.NORMALISATION)
+    scale = common.channel_std(script.NORMALISATION).to(device)
     margins = common.logit_margins(model, x, y)
     # zero_grad_fraction's test, kept per point: the batch-mean float32 cross-entropy's input gradient
     xg = x.clone().requires_grad_(True)
     grad, = torch.autograd.grad(F.cross_entropy(model(xg).float(), y), xg)
-    zero_grad = (grad.flatten(1) == 0).all(1)
+    zero_grad = (grad.flatten(1) == 0).all(1).cpu()
     assert zero_grad.float().mean().item() == common.zero_grad_fraction(model, x, y)
     step = state["step"]
     def span(t):
@@ -63,14 +67,14 @@ def main():
     print(f"logged at this step: zero gradient at {round(logged['zero_grad_frac'] * len(x))}")
     print("| eps | papers' attack survives (logged) | of them zero gradient | of them survive the toolkit's | "
           "toolkit's attack survives (logged) |\n|---|---|---|---|---|")
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)  # as measure() draws them
     for eps in cfg.pgd_eps:
         toolkit = common.pgd_attack(model, x, y, eps * scale, cfg.pgd_alpha * scale, cfg.pgd_steps, generator=generator)
         papers = torch.cat([common.pgd_attack(model, x[i:i + 2048], y[i:i + 2048], eps * scale, cfg.pgd_alpha * scale,
                                               cfg.pgd_steps, random_start=False, loss="ce32")
                             for i in range(0, len(x), 2048)])
         with torch.no_grad():
-            toolkit_ok, papers_ok = model(toolkit).argmax(1) == y, model(papers).argmax(1) == y
+            toolkit_ok, papers_ok = (model(toolkit).argmax(1) == y).cpu(), (model(papers).argmax(1) == y).cpu()
         was = {k: round(logged[f"{k}_{eps:.3g}"] * len(x)) for k in ("pgd_acc", "pgd_ce32_acc")}
         print(f"| {eps * 255:.0f}/255 | {int(papers_ok.sum())} ({was['pgd_ce32_acc']}) | {int((papers_ok & zero_grad).sum())} | "
               f"{int((papers_ok & toolkit_ok).sum())} | {int(toolkit_ok.sum())} ({was['pgd_acc']}) |")
