@@ -30,6 +30,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", help="a run folder of exp_cifar_cnn.py with a checkpoint")
     parser.add_argument("--data-dir", help="the run's data (default: its config's data_dir)")
+    parser.add_argument("--ce32-random-start", action="store_true",
+                        help="the papers' attack from a random start (as their ResNet code), not from x (as logged)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: on the run's own device the counts are the logged ones")
     args = parser.parse_args()
     run = Path(args.run)
@@ -65,13 +67,18 @@ def main():
           f"where exp(-margin) is below float32's smallest normal number: {int((margins > 87.3).sum())}")
     logged = next(r for r in common.read_metrics(run) if r["step"] == step)  # the run's own numbers, as counts
     print(f"logged at this step: zero gradient at {round(logged['zero_grad_frac'] * len(x))}")
+    random_start = args.ce32_random_start or cfg.ce32_random_start
+    if random_start != cfg.ce32_random_start:
+        print("the papers' attack from a random start here, from x in the run: its logged counts are not comparable")
     print("| eps | papers' attack survives (logged) | of them zero gradient | of them survive the toolkit's | "
           "toolkit's attack survives (logged) |\n|---|---|---|---|---|")
     generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)  # as measure() draws them
     for eps in cfg.pgd_eps:
+        start = generator.get_state()  # both attacks from the same random starts, as measure()
         toolkit = common.pgd_attack(model, x, y, eps * scale, cfg.pgd_alpha * scale, cfg.pgd_steps, generator=generator)
+        ce32_gen = torch.Generator(device).set_state(start)
         papers = torch.cat([common.pgd_attack(model, x[i:i + 2048], y[i:i + 2048], eps * scale, cfg.pgd_alpha * scale,
-                                              cfg.pgd_steps, random_start=False, loss="ce32")
+                                              cfg.pgd_steps, random_start=random_start, loss="ce32", generator=ce32_gen)
                             for i in range(0, len(x), 2048)])
         with torch.no_grad():
             toolkit_ok, papers_ok = (model(toolkit).argmax(1) == y).cpu(), (model(papers).argmax(1) == y).cpu()
