@@ -31,7 +31,7 @@ def main():
     parser.add_argument("run", help="a run folder of exp_cifar_cnn.py with a checkpoint")
     parser.add_argument("--data-dir", help="the run's data (default: its config's data_dir)")
     parser.add_argument("--ce32-random-start", action="store_true",
-                        help="the papers' attack from a random start (as their ResNet code), not from x (as logged)")
+                        help="the papers' attack from a random start (their code has the flag but starts at x, as logged)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: on the run's own device the counts are the logged ones")
     args = parser.parse_args()
     run = Path(args.run)
