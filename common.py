@@ -1143,15 +1143,12 @@ def write_atomic(path, data):
     os.replace(tmp, path)
 
 
-def _strict(value):
-    """NaN and infinities as null: metrics.jsonl stays valid JSON for strict readers."""
-    return value if not isinstance(value, float) or math.isfinite(value) else None
-
-
 def log_metrics(run, record):
-    """Appends one JSON line and flushes it to disk, so a crash loses nothing already logged."""
+    """Appends one JSON line and flushes it to disk, so a crash loses nothing already logged. NaN and
+    infinities become null: metrics.jsonl stays valid JSON for strict readers."""
+    strict = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}
     with open(Path(run) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({k: _strict(v) for k, v in record.items()}, allow_nan=False) + "\n")
+        f.write(json.dumps(strict, allow_nan=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -1427,7 +1424,7 @@ def plot_run(run, path=None):
     records = read_metrics(run)
     if not records:
         die(f"no metrics in {run}/metrics.jsonl to plot")
-    fig, panels, zero_at = panel_figure([records], f"{run_title(run)}\n{radius_units(run)}")
+    fig, panels, zero_at = panel_figure([records], figure_title(run))
     for ax, (panel, ks, ylabel) in panels:
         for k in ks:
             xs, ys = curve(records, k, zero_at)
@@ -1498,30 +1495,22 @@ def save_figure(fig, path, footer="step 0 is drawn at half the first logged step
     fig.savefig(path, dpi=100)
 
 
-def run_title(run):
-    """The script and the fields that differ from its defaults (config.json's setting), else the folder."""
+def figure_title(run):
+    """The script and the fields that differ from its defaults (config.json's setting; else the
+    folder's name), and the units of the LC radius and PGD's eps."""
     try:
         info = json.loads((Path(run) / "config.json").read_text())
     except (OSError, ValueError):
-        return Path(run).name
+        return f"{Path(run).name}\nunits of r and ε: see the script"
     setting = info.get("setting")
-    if setting is None:
-        return Path(run).name
-    return f"{info.get('script', Path(run).name)}: " + (", ".join(f"{k}={v}" for k, v in setting.items()) or "its defaults")
-
-
-def radius_units(run):
-    """The units of a run's LC radius and PGD eps, from its config.json, for the figure's title."""
-    try:
-        info = json.loads((Path(run) / "config.json").read_text())
-    except (OSError, ValueError):
-        return "units of r and ε: see the script"
+    title = Path(run).name if setting is None else f"{info.get('script', Path(run).name)}: " + (
+        ", ".join(f"{k}={v}" for k, v in setting.items()) or "its defaults")
     name = info.get("normalisation", {}).get("name")
     if name not in (None, "none"):
-        return f"r and ε in normalised units ({name} mean/std; config.json: pixel_units)"
+        return f"{title}\nr and ε in normalised units ({name} mean/std; config.json: pixel_units)"
     if name is None and "pixel_units" in info:  # runs made before config.json named its normalisation
-        return "r and ε in normalised units (config.json: pixel_units)"
-    return "r and ε in input units ([0, 1] pixels; one-hot entries for modular arithmetic)"
+        return f"{title}\nr and ε in normalised units (config.json: pixel_units)"
+    return f"{title}\nr and ε in input units ([0, 1] pixels; one-hot entries for modular arithmetic)"
 
 
 # ==================== PART 3 of 3, DATA: the loaders, each refusing malformed files in one line
