@@ -707,8 +707,11 @@ def region_ids(model, points, point_shape, batch_size=1024, row=None):
 # ==================== PART 2 of 3, BOOKKEEPING: how the scripts run (measurement readers can stop here)
 # ----------------------------------------------------------------------------- errors, device
 def die(message):
-    """A usage error: one line on stderr, exit code 2, no traceback. The user has something to fix."""
+    """A usage error: one line on stderr, exit code 2, no traceback. The user has something to fix.
+    A run folder this process holds is let go (release): a refusal leaves no lock behind."""
     print(f"error: {message}", file=sys.stderr, flush=True)
+    for held in list(_LOCKS):
+        release(Path(held.name).parent)
     raise SystemExit(2)
 
 
@@ -1080,50 +1083,48 @@ def start_run(out, config, device, notes=None):
             "normalisation": {"name": "none", "source": "the model sees its inputs as given: [0, 1] pixels (one-hot "
                                                        "entries for modular arithmetic); radii are in those units"},
             **(notes or {})}
-    try:  # every refusal below leaves the folder as it was: the lock goes with it
-        state = read_checkpoint(run, config.steps) if has_checkpoint else None
-        if state is not None and int(state["step"]) == config.steps and (run / "summary.json").exists():
-            print(f"{run} finished at step {config.steps}: nothing to do, nothing changed (give --steps N to extend it)")
-            raise SystemExit(0)
-        if has_checkpoint:
-            stored = json.loads((run / "config.json").read_text())
-            anyway = []  # what could not be checked, continued with --continue-anyway
-            stored_hashes = stored.get("code_sha256", {})
-            changed_code = sorted(k for k, v in info["code_sha256"].items() if stored_hashes.get(k) != v)
-            if changed_code:
-                anyway.append(f"changed code: {', '.join(changed_code)}")
-            if "data" in info and "data" not in stored:
-                anyway.append("data made before fingerprints")
-            if anyway and not getattr(config, "continue_anyway", False):
-                die(f"--resume: {run} cannot be continued as it started ({'; '.join(anyway)}): the records could mix two "
-                    f"versions of the code or two data sets. Continue knowingly with --continue-anyway (recorded in "
-                    f"config.json), or start a new --out")
-            if "data" in stored and "data" in info and stored["data"] != info["data"]:
-                die(f"--resume: {run} was trained on other data (shapes {stored['data']['shapes']}, hash "
-                    f"{stored['data']['sha256']}; now {info['data']['shapes']}, {info['data']['sha256']}); point --data-dir "
-                    f"at the data it ran on, or start a new --out")
-            saved = state.get("config")
-            if saved is not None:
-                edited = [k for k, v in json.loads(json.dumps(saved)).items()
-                          if k not in NOT_THE_EXPERIMENT and stored["config"].get(k) != v]
-                if edited:
-                    die(f"--resume: {run}/config.json no longer matches its checkpoint ({', '.join(edited)} differ); "
-                        f"restore config.json or start a new --out")
-            changed = {k: v for k, v in json.loads(json.dumps(info["config"])).items() if stored["config"].get(k) != v}
-            stored.setdefault("resumed", []).append({k: info[k] for k in ("command", "git_commit", "device", "started")}
-                                                    | {"changed": changed} | ({"continued_anyway": anyway} if anyway else {}))
-            stored["config"].update({k: v for k, v in changed.items() if k in NOT_THE_EXPERIMENT and k != "resume"})
-            info = stored  # the original record, with the schedule now in force (a later --resume continues it)
-        else:
-            if config.resume:
-                print(f"{run}: no checkpoint yet, so the run starts from step 0")
-            if (run / "metrics.jsonl").exists():
-                os.replace(run / "metrics.jsonl", run / "metrics.failed.jsonl")
-                print(f"{run}: the metrics of the attempt that stopped before its first checkpoint are kept in "
-                      f"metrics.failed.jsonl")
-    except SystemExit:
+    # every refusal below (die) leaves the folder as it was: the lock goes with it
+    state = read_checkpoint(run, config.steps) if has_checkpoint else None
+    if state is not None and int(state["step"]) == config.steps and (run / "summary.json").exists():
+        print(f"{run} finished at step {config.steps}: nothing to do, nothing changed (give --steps N to extend it)")
         release(run)
-        raise
+        raise SystemExit(0)
+    if has_checkpoint:
+        stored = json.loads((run / "config.json").read_text())
+        anyway = []  # what could not be checked, continued with --continue-anyway
+        stored_hashes = stored.get("code_sha256", {})
+        changed_code = sorted(k for k, v in info["code_sha256"].items() if stored_hashes.get(k) != v)
+        if changed_code:
+            anyway.append(f"changed code: {', '.join(changed_code)}")
+        if "data" in info and "data" not in stored:
+            anyway.append("data made before fingerprints")
+        if anyway and not getattr(config, "continue_anyway", False):
+            die(f"--resume: {run} cannot be continued as it started ({'; '.join(anyway)}): the records could mix two "
+                f"versions of the code or two data sets. Continue knowingly with --continue-anyway (recorded in "
+                f"config.json), or start a new --out")
+        if "data" in stored and "data" in info and stored["data"] != info["data"]:
+            die(f"--resume: {run} was trained on other data (shapes {stored['data']['shapes']}, hash "
+                f"{stored['data']['sha256']}; now {info['data']['shapes']}, {info['data']['sha256']}); point --data-dir "
+                f"at the data it ran on, or start a new --out")
+        saved = state.get("config")
+        if saved is not None:
+            edited = [k for k, v in json.loads(json.dumps(saved)).items()
+                      if k not in NOT_THE_EXPERIMENT and stored["config"].get(k) != v]
+            if edited:
+                die(f"--resume: {run}/config.json no longer matches its checkpoint ({', '.join(edited)} differ); "
+                    f"restore config.json or start a new --out")
+        changed = {k: v for k, v in json.loads(json.dumps(info["config"])).items() if stored["config"].get(k) != v}
+        stored.setdefault("resumed", []).append({k: info[k] for k in ("command", "git_commit", "device", "started")}
+                                                | {"changed": changed} | ({"continued_anyway": anyway} if anyway else {}))
+        stored["config"].update({k: v for k, v in changed.items() if k in NOT_THE_EXPERIMENT and k != "resume"})
+        info = stored  # the original record, with the schedule now in force (a later --resume continues it)
+    else:
+        if config.resume:
+            print(f"{run}: no checkpoint yet, so the run starts from step 0")
+        if (run / "metrics.jsonl").exists():
+            os.replace(run / "metrics.jsonl", run / "metrics.failed.jsonl")
+            print(f"{run}: the metrics of the attempt that stopped before its first checkpoint are kept in "
+                  f"metrics.failed.jsonl")
     if state is None:
         write_atomic(run / "config.json", json.dumps(info, indent=2))
     else:  # written by restore once the checkpoint has loaded: a refused resume leaves the folder as it was
@@ -1223,7 +1224,6 @@ def restore(run, state, model, optimizer, generators, timer=None):
                  "layers": [type(m).__name__ for m in model.modules()], "printed": repr(model)}
     stored = info.get("model", structure)
     if (stored["parameters"], stored["layers"]) != (structure["parameters"], structure["layers"]):
-        release(run)
         die(f"--resume: the model in this script differs from the one {run} was trained with (config.json: model); "
             f"start a new --out for the changed model")
     info.setdefault("model", structure)  # what was built, so a hand-edited model shows in the run folder
@@ -1239,7 +1239,6 @@ def restore(run, state, model, optimizer, generators, timer=None):
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        release(run)
         die(f"--resume: the checkpoint in {run} does not fit this script's model and generators "
             f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); start a new --out")
     write_atomic(Path(run) / "config.json", json.dumps(info, indent=2))  # the resume, now that the states loaded

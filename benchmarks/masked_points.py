@@ -60,6 +60,7 @@ def main():
     zero_grad = (grad.flatten(1) == 0).all(1).cpu()
     assert zero_grad.float().mean().item() == common.zero_grad_fraction(model, x, y)
     step = state["step"]
+
     def span(t):
         return f"{t.min():.1f}..{t.max():.1f}" if len(t) else "none"
     print(f"{run}: step {step}, {len(x)} test points; zero gradient at {int(zero_grad.sum())} (margins "
