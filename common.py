@@ -121,9 +121,7 @@ def relu_inputs(model, reduce):
                       "LC and the partition pictures count only nn.ReLU neurons", stacklevel=3)
 
 
-def _check_points(x, where):
-    """Inputs must be floating point and finite: uint8 images (0..255) would be measured as if in
-    [0, 1] and give nonsense without an error."""
+def _check_points(x, where):  # uint8 images (0..255) would be measured as if in [0, 1]: nonsense, no error
     if not torch.is_tensor(x) or not x.is_floating_point():
         raise ValueError(f"{where}: inputs must be a floating-point tensor (e.g. images as x.float() / 255), got "
                          f"{x.dtype if torch.is_tensor(x) else type(x).__name__}")
@@ -131,9 +129,7 @@ def _check_points(x, where):
         raise ValueError(f"{where}: inputs contain NaN or infinite values")
 
 
-def _as_labels(y, n=None):
-    """Class labels of any integer dtype as int64 (one_hot, gather and cross_entropy need it), one
-    per example: shape (n,)."""
+def _as_labels(y, n=None):  # integer labels, one per example, as int64 (one_hot and gather need it)
     if y.is_floating_point() or y.dtype == torch.bool:
         raise ValueError(f"labels must be integers, got {y.dtype}")
     if y.dim() != 1 or (n is not None and len(y) != n):
@@ -157,20 +153,16 @@ def random_directions(n, dim, generator=None):
 def local_complexity(model, x, radius, directions, batch_size=64, zero_is_a_sign=False, tf32=False):
     """Number of neurons cut by the cross-polytope conv{x +- radius * v_p} around each point.
 
-    x: (N, ...) points; directions: (P, D) rows with D = x[i].numel() (for radii in normalised
-    units pass rows scaled into the input's units: in_input_units), or an int P (P orthonormal
-    directions from a generator seeded 0). A neuron (the input of an nn.ReLU; per channel x
-    position for conv maps) is cut when it is > 0 at some vertex and <= 0 at another.
-    zero_is_a_sign=True also counts a neuron that is 0 at some vertices and negative at the others,
-    as the authors' code does (the ReLU does not cut it: dead units of bias-free networks).
-    Returns a LongTensor (N, L) on the CPU: counts per point and ReLU layer (sum over L for LC).
+    x: (N, ...) points; directions: (P, D) rows, D = x[i].numel() (radii in normalised units:
+    in_input_units), or an int P (P orthonormal directions, seed 0). A neuron (an nn.ReLU input;
+    per channel x position for conv maps) is cut when it is > 0 at some vertex and <= 0 at another;
+    zero_is_a_sign=True also counts one that is 0 at some vertices and < 0 at the others, as the
+    authors' code does. Returns a LongTensor (N, L) on the CPU: counts per point and ReLU layer.
 
-    Each chunk of batch_size points runs as batch_size * 2P vertices in one forward pass, each
-    layer reduced to counts at once, so memory is bounded by the chunk. Choose the radius well
-    below the distance between points and well above rounding (exact LC is proportional to r when
-    r is small: benchmarks/precision.py checks it). Runs in float32 with TF32 off (tf32=True: on,
-    as the authors' code on a GPU), in eval mode, without gradients; the model and the global RNG
-    are unchanged. Refuses (ValueError) non-floating or non-finite inputs and a bad radius."""
+    batch_size points run as batch_size * 2P vertices in one forward pass (memory bounded by the
+    chunk). The radius: well below the distance between points, well above rounding (small r: LC
+    proportional to r, benchmarks/precision.py). float32 with TF32 off (tf32=True: on, as the
+    authors' GPU code), eval mode, no gradients; the model and the global RNG are unchanged."""
     _check_points(x, "local_complexity")
     if x.abs().max() > 10:
         warnings.warn(f"local_complexity: inputs reach {x.abs().max().item():g}; the radius is in the inputs' units, so "
@@ -208,8 +200,7 @@ def local_complexity(model, x, radius, directions, batch_size=64, zero_is_a_sign
     return torch.cat(chunks)
 
 
-def lc_summary(counts):
-    """Mean LC over points and the half-width of its 99% normal confidence interval."""
+def lc_summary(counts):  # mean LC over points, and the half-width of its 99% normal confidence interval
     total = counts.sum(1).double()
     half = 2.576 * total.std().item() / math.sqrt(len(total)) if len(total) > 1 else float("nan")
     return total.mean().item(), half
@@ -217,19 +208,14 @@ def lc_summary(counts):
 
 @contextlib.contextmanager
 def tf32_flags(allowed):
-    """Both of PyTorch's TF32 flags (CUDA matmuls, cuDNN convolutions) set for the duration, then
-    restored."""
+    """Both TF32 flags (CUDA matmuls, cuDNN convolutions) set for the duration, then restored. TF32
+    rounds to ~1e-3 relative, far coarser than an LC radius of 5e-3: measurements turn it off."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def exact_float32():
-    """TF32 rounds to ~1e-3 relative: far coarser than an LC radius of 5e-3 or 1e-4. Turn it off."""
-    return tf32_flags(False)
 
 
 def boundary_points(model, x, steps=20, batch_size=1024):
@@ -258,20 +244,7 @@ def boundary_points(model, x, steps=20, batch_size=1024):
 
 
 # ----------------------------------------------------------------------------- rank and norm
-def feature_rank(h):
-    """Numerical rank of the covariance of features h (N, d), in float64 with the default
-    tolerance sigma_max * d * eps, as in Deep Grokking (float32 gives a very different answer)."""
-    return int(torch.linalg.matrix_rank(torch.cov(h.reshape(h.shape[0], -1).double().T)).item())
-
-
-def effective_rank(h):
-    """Roy & Vetterli's effective rank of the centred features h (N, d): exp of the entropy of the
-    singular values normalised to sum 1. Continuous, between 1 and rank; k equal values give k."""
-    h = h.reshape(h.shape[0], -1).double()
-    return _entropy_rank(torch.linalg.svdvals(h - h.mean(0)))
-
-
-def _entropy_rank(s):
+def _entropy_rank(s):  # Roy & Vetterli: exp of the entropy of the singular values normalised to sum 1
     p = s / s.sum()
     p = p[p > 0]
     return math.exp(-(p * p.log()).sum().item())
@@ -286,15 +259,14 @@ def _as_features(pre):
 
 
 def layer_ranks(model, x, batch_size=1024):
-    """(feature_rank, effective_rank) of the input of every ReLU layer on the points x.
+    """(rank, effective rank) of the covariance of every ReLU layer's input over the points x.
 
-    Per layer: a dense layer (N, d) gives the d x d covariance of its pre-activations over the N
-    points; a conv layer (N, C, H, W) the C x C channel covariance over N * H * W positions; a
-    sequence (N, T, d) the d x d covariance over N * T tokens. As Deep Grokking, in float64: a
-    float64 copy of the model runs the forward pass (float32 rounding would raise the rank of every
-    layer behind a low-rank bottleneck). The covariance is accumulated batch by batch (memory d x
-    d), shifted by the first row so constant features give exact zeros; the rank uses
-    matrix_rank's default tolerance, the effective rank the covariance's eigenvalues."""
+    A dense layer (N, d): the d x d covariance over the N points; conv (N, C, H, W): C x C over the
+    N * H * W positions; a sequence (N, T, d): d x d over the N * T tokens. As Deep Grokking, in
+    float64 (a float64 copy of the model: float32 rounding raises the rank of every layer behind a
+    low-rank bottleneck), with matrix_rank's default tolerance sigma_max * d * eps. The effective rank
+    (Roy & Vetterli): exp of the entropy of the normalised singular values, between 1 and the rank.
+    The covariance is accumulated batch by batch, shifted by the first row (constant features: 0)."""
     stats = {}
 
     def accumulate(layer, pre):
@@ -342,23 +314,16 @@ def _check_radius(name, value, lo, hi):
 def pgd_attack(model, x, y, eps, alpha, steps, random_start=True, restarts=1, lo=0.0, hi=1.0,
                generator=None, loss="log1m"):
     """L-infinity PGD (untargeted): sign steps of size alpha, projected on |x_adv - x| <= eps and
-    clamped to [lo, hi]. Two losses, two questions:
+    clamped to [lo, hi]; eps, alpha, lo, hi broadcast against one input (per channel: (C, 1, 1)).
 
-    "log1m" (default) measures robustness: it ascends log(1 - p_y) in float64 (logsumexp of the
-    wrong classes minus logsumexp of all), whose input gradient is a positive multiple of the
-    cross-entropy's (the same sign steps) but never vanishes on confident logits. Each example
-    keeps the first iterate of any step or restart that fools the model, else the last: robust
-    accuracy can only fall with more steps or restarts.
-
-    "ce32" is the papers' attack (grok-adversarial attacks.py): sign steps on the float32
-    cross-entropy averaged over the batch, the last iterate scored. Past a margin of ~90 float32
-    rounds 1 - p_y to 0, the gradient is exactly zero and the point never moves: it counts as
-    robust (gradient masking; see logit_margins, zero_grad_fraction). Their code starts at x
-    (random_start=False); random_start applies to both losses here.
-
-    eval mode, the model left unchanged. eps, alpha, lo, hi: numbers or tensors that broadcast
-    against one input (per channel (C, 1, 1): radii in normalised units applied to pixels). Refuses
-    (ValueError) a NaN or negative eps or alpha, non-floating or non-finite inputs, an unknown loss."""
+    "log1m" (default, the toolkit's) measures robustness: it ascends log(1 - p_y) in float64, whose
+    input gradient is a positive multiple of the cross-entropy's (the same sign steps) but never
+    vanishes on confident logits; each example keeps the first iterate of any step or restart that
+    fools the model, so robust accuracy can only fall with more steps or restarts.
+    "ce32" is the papers' attack (grok-adversarial attacks.py): the float32 cross-entropy averaged
+    over the batch, the last iterate scored. Past a margin of ~90 float32 rounds 1 - p_y to 0, the
+    gradient is exactly zero, the point never moves and counts as robust: gradient masking
+    (logit_margins, zero_grad_fraction). Their code starts at x (random_start=False)."""
     if loss not in PGD_LOSSES:
         raise ValueError(f"loss must be one of {PGD_LOSSES}, got {loss!r}")
     _check_points(x, "pgd_attack")
@@ -373,7 +338,7 @@ def pgd_attack(model, x, y, eps, alpha, steps, random_start=True, restarts=1, lo
         return x.clone()
     best = x.clone()
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    with eval_mode(model), exact_float32():
+    with eval_mode(model), tf32_flags(False):
         for _ in range(restarts):
             if random_start:
                 noise = torch.rand(x.shape, generator=generator, device=generator.device if generator else x.device)
@@ -405,14 +370,13 @@ def pgd_attack(model, x, y, eps, alpha, steps, random_start=True, restarts=1, lo
 
 
 def pgd_accuracy(model, x, y, eps, alpha, steps, batch_size=None, loss="log1m", **kwargs):
-    """Fraction of examples still classified correctly after pgd_attack. Batches of 1024 for
-    "log1m" (per example) and 2048 for "ce32" (the batch mean scales every gradient: the authors')."""
+    """Fraction still classified correctly after pgd_attack; "ce32" in the authors' batches of 2048."""
     batch_size = batch_size or (2048 if loss == "ce32" else 1024)
     y, correct = _as_labels(y, len(x)), 0
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], _as_labels(y[i:i + batch_size])
         x_adv = pgd_attack(model, xb, yb, eps, alpha, steps, loss=loss, **kwargs)
-        with torch.no_grad(), eval_mode(model), exact_float32():
+        with torch.no_grad(), eval_mode(model), tf32_flags(False):
             correct += (model(x_adv).argmax(1) == yb).sum().item()
     return correct / len(x)
 
@@ -422,7 +386,7 @@ def logit_margins(model, x, y, batch_size=1024):
     Multiplying the logits by k multiplies the margins by k."""
     y = _as_labels(y, len(x))
     out = []
-    with torch.no_grad(), eval_mode(model), exact_float32():
+    with torch.no_grad(), eval_mode(model), tf32_flags(False):
         for i in range(0, len(x), batch_size):
             z, yb = model(x[i:i + batch_size]).double(), y[i:i + batch_size]
             other = z.masked_fill(F.one_hot(yb, z.shape[1]).bool(), -math.inf).amax(1)
@@ -435,7 +399,7 @@ def zero_grad_fraction(model, x, y, batch_size=2048):
     papers' attack) is exactly zero at the clean point: points that attack cannot move."""
     y = _as_labels(y, len(x))
     zero = 0
-    with eval_mode(model), exact_float32():
+    with eval_mode(model), tf32_flags(False):
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size].detach().clone().requires_grad_(True)
             grad, = torch.autograd.grad(F.cross_entropy(model(xb).float(), y[i:i + batch_size]), xb)
@@ -671,7 +635,7 @@ def region_ids(model, points, point_shape, batch_size=1024, row=None):
         batch_size = max(1, batch_size // row) * row  # whole rows, so neighbours are in the batch or the last row
     above = None
     started, told = time.perf_counter(), False
-    with torch.no_grad(), eval_mode(model), exact_float32():
+    with torch.no_grad(), eval_mode(model), tf32_flags(False):
         for i in range(0, len(points), batch_size):
             elapsed = time.perf_counter() - started
             if i and not told and elapsed * len(points) / i > 5:  # a slow picture says how slow, once
@@ -707,8 +671,8 @@ def region_ids(model, points, point_shape, batch_size=1024, row=None):
 # ==================== PART 2 of 3, BOOKKEEPING: how the scripts run (measurement readers can stop here)
 # ----------------------------------------------------------------------------- errors, device
 def die(message):
-    """A usage error: one line on stderr, exit code 2, no traceback. The user has something to fix.
-    A run folder this process holds is let go (release): a refusal leaves no lock behind."""
+    """A usage error: one line on stderr, exit code 2, no traceback; a run folder this process holds is
+    let go (release), so a refusal leaves no lock behind."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     for held in list(_LOCKS):
         release(Path(held.name).parent)
@@ -717,7 +681,7 @@ def die(message):
 
 def pick_device(name="auto"):
     """'auto' picks cuda, then mps, then cpu. On CUDA training may use TF32 (the measurements turn
-    it off: exact_float32). On CPU torch uses every core; give runs that share it OMP_NUM_THREADS=1."""
+    it off: tf32_flags). On CPU torch uses every core; give runs that share it OMP_NUM_THREADS=1."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if cuda else "mps" if mps else "cpu"
@@ -733,15 +697,12 @@ def pick_device(name="auto"):
 
 
 def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
+    if device.type in ("cuda", "mps"):
+        getattr(torch, device.type).synchronize()
 
 
 def make_optimizer(cls, params, **kwargs):
-    """The fused implementation where the device has one (CUDA, CPU in torch >= 2.4): one kernel a
-    step and no host-device synchronisation; else the default (foreach or single-tensor)."""
+    """The fused implementation where the device has one (one kernel a step, no host-device sync)."""
     params = list(params)
     try:
         return cls(params, fused=True, **kwargs)
@@ -749,22 +710,17 @@ def make_optimizer(cls, params, **kwargs):
         return cls(params, **kwargs)
 
 
-def compiled(model, enabled, device):
-    """--compile: the model for the training step through torch.compile, with CUDA graphs
-    (mode reduce-overhead) on a GPU; the model itself otherwise."""
-    if not enabled:
-        return model
-    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
+def compiled(model, enabled, device):  # --compile: the training step's model, with CUDA graphs on a GPU
+    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None) if enabled else model
 
 
 # ----------------------------------------------------------------------------- evaluation step, schedule, timing
 def evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer, full=True, batch_loss_max=None):
-    """One evaluation step: train and test accuracy and loss, measure(), the partition picture at
-    init, at the first step with train accuracy >= 99% ("fit") and at the end, one logged record,
-    a progress line, a checkpoint. A step already logged (a resumed run's) is skipped. Training time
-    stops before (one device sync) and restarts after. A non-finite training loss ends the run in
-    one line, what was logged kept. batch_loss_max: a 0-d tensor, the worst batch loss since the
-    last evaluation (kept on the device), logged and reset: the spikes that sparse evaluations miss."""
+    """One evaluation step: train and test accuracy and loss, measure(), the partition picture at init,
+    at the fit (the first step with train accuracy >= 99%) and at the end; one logged record, a progress
+    line, a checkpoint. A step already logged (a resumed run's) is skipped; a non-finite training loss
+    ends the run in one line. batch_loss_max: a 0-d tensor on the device, the worst batch loss since the
+    last evaluation, logged and reset (the spikes that sparse evaluations miss)."""
     logged = read_metrics(run)
     if logged and logged[-1]["step"] >= step:
         return
@@ -774,8 +730,8 @@ def evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer
         rec["batch_loss_max"] = batch_loss_max.item()
         batch_loss_max.zero_()
     with timer("eval"):
-        for split in ("train", "test"):
-            rec[f"{split}_acc"], rec[f"{split}_loss"] = evaluate(model, *getattr(probes, split), probes.loss_fn)
+        rec["train_acc"], rec["train_loss"] = evaluate(model, *probes.train, probes.loss_fn)
+        rec["test_acc"], rec["test_loss"] = evaluate(model, *probes.test, probes.loss_fn)
     if not math.isfinite(rec["train_loss"]):
         log_metrics(run, rec)
         write_csv(run)
@@ -801,21 +757,19 @@ def evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer
 
 
 def log_steps(total, n=40, every=0):
-    """About n integer steps from 0 to `total`, evenly spaced on a log axis, and
-    with every > 0 each multiple of it too (log-spaced steps are far apart late in a long run)."""
+    """About n steps from 0 to total, evenly spaced on a log axis, and each multiple of every > 0."""
     steps = np.unique(np.round(np.geomspace(1, max(total, 1), n)).astype(int)).tolist()
     steps += list(range(every, total, every)) if every else []
     return sorted({s for s in [0, *steps, total] if s <= total})
 
 
 class Timer:
-    """Wall time per category: measurements with a device sync at each boundary, training per
-    segment between evaluations (one sync each), so no training step waits for the device."""
+    """Wall time per category: a measurement (with timer("lc"): ...) syncs the device at both ends;
+    training is timed per segment between evaluations (one sync each): no training step waits."""
 
     def __init__(self, device):
-        self.device, self.seconds, self.start = device, {}, time.perf_counter()
-        self.last_beat, self.segment = self.start, None
-        self.evaluations, self.carried, self.untimed_steps = 0, {}, 0
+        self.device, self.seconds, self.carried, self.start = device, {}, {}, time.perf_counter()
+        self.last_beat, self.segment, self.evaluations = self.start, None, 0
 
     @contextlib.contextmanager
     def __call__(self, name):
@@ -839,35 +793,31 @@ class Timer:
         self.evaluations += 1
 
     def heartbeat(self, step, first_step, total, eval_steps=(), every=30.0):
-        """A progress line every `every` seconds: steps/s and the time left (training at the rate so
-        far, the remaining evaluations at their mean cost). One clock read a step, no sync."""
+        """Every `every` seconds a line: steps/s and the time left (training at the rate so far, the
+        evaluations left at their mean cost). One clock read a step, no sync."""
         now = time.perf_counter()
         if now - self.last_beat < every:
             return
         self.last_beat = now
         trained = self.seconds.get("train", 0.0) + (now - self.segment if self.segment else 0.0)
         rate = (step - first_step) / trained if trained else 0.0
-        measuring = sum(v for k, v in self.seconds.items() if k not in ("train", "setup"))
-        per_eval = measuring / max(self.evaluations, 1)
+        per_eval = sum(v for k, v in self.seconds.items() if k not in ("train", "setup")) / max(self.evaluations, 1)
         evals_left = sum(s > step for s in eval_steps)
         left = (total - step) / rate + evals_left * per_eval if rate else 0.0
         print(f"step {step:>7}/{total} ({100 * step / max(total, 1):5.1f}%) {rate:7.0f} it/s, about {left / 60:.0f} "
               f"min left ({evals_left} evaluations of ~{per_eval:.0f} s to go)", flush=True)
 
     def totals(self):
-        """Seconds per category and wall seconds, earlier processes of the run included (carried in
-        the checkpoint: a resumed run reports the whole run's time)."""
+        """Seconds per category and wall seconds, the run's earlier processes included (carried)."""
         seconds = {k: self.carried.get(k, 0.0) + self.seconds.get(k, 0.0) for k in {**self.carried, **self.seconds}}
         return {**seconds, "wall": seconds.get("wall", 0.0) + time.perf_counter() - self.start}
 
     def report(self, train_steps):
-        """The time breakdown of the whole run; train_steps: the steps trained in all its processes."""
+        """The whole run's time breakdown; train_steps: the steps trained in all its processes."""
         seconds = self.totals()
         wall = seconds.pop("wall")
         measured = sum(v for k, v in seconds.items() if k not in ("train", "setup"))
-        train_steps -= self.untimed_steps  # a checkpoint of an older version carries no time
         return {"wall_s": round(wall, 2), **{f"{k}_s": round(v, 2) for k, v in seconds.items()},
-                **({"timed_from_step": self.untimed_steps} if self.untimed_steps else {}),
                 "measurement_fraction": round(measured / wall, 3) if wall else 0.0,
                 "train_steps_per_s": round(train_steps / seconds["train"], 1) if seconds.get("train") else None}
 
@@ -903,11 +853,9 @@ def cli(main, config_class, argv=None):
         raise
 
 
-# The fields that do not define the experiment: the schedule (every record depends only on its step,
-# see measure), where the data and the run live, the device. They may change on --resume, and
-# compare (tools/runs.py) groups runs across them. (--compile is not among them: compiled kernels
-# round differently. --device is: moving a run between machines is what resume is for; each
-# resume's device is recorded in config.json.)
+# The fields that do not define the experiment, so --resume may change them: the schedule (a record
+# depends only on its step), where data and run live, the device (each resume's is recorded).
+# --compile is not among them: compiled kernels round differently.
 NOT_THE_EXPERIMENT = ("steps", "evals", "evals_every", "rank_every", "device", "data_dir", "download", "out", "resume",
                       "continue_anyway")
 
@@ -924,14 +872,10 @@ def number(text):
 def whole_number(text):
     """An int from the command line; integral scientific notation such as 5e3 is welcome."""
     try:
-        return int(text)
+        value = int(text) if text.strip().lstrip("+-").isdigit() else float(text)
     except ValueError:
-        pass
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (e.g. 5000 or 5e3)") from None
-    if not (math.isfinite(value) and value == int(value)):
+        value = math.nan
+    if isinstance(value, float) and not (math.isfinite(value) and value == int(value)):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (e.g. 5000 or 5e3)")
     if abs(value) > 1e12:
         raise argparse.ArgumentTypeError(f"{text!r} is too large a count (at most 1e9)")
@@ -981,12 +925,10 @@ def parse_config(cls, argv=None):
         if made_by and this.startswith("exp_") and made_by != this:
             die(f"--resume: {out} holds a run of {made_by}, not of {this}; resume it with {made_by}")
         stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in defaults}
-        for k, v in stored.items():  # the types this script's fields have
+        for k, v in stored.items():  # the types this script's fields have (JSON: exactly int, float, bool, str)
             want = type(defaults[k])
-            ok = (isinstance(v, want) and (want is not int or not isinstance(v, bool))) or (
-                want is float and isinstance(v, int) and not isinstance(v, bool)) or (
-                want is tuple and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in v))
-            if not ok:
+            if not (type(v) is want or (want, type(v)) == (float, int) or
+                    (want is tuple and all(type(e) in (int, float) for e in v))):
                 die(f"{stored_path}: {k} is {v!r}, not a {want.__name__}; the file was edited or damaged: restore it, "
                     f"or start a new --out")
         newer = sorted(set(defaults) - set(stored) - set(NOT_THE_EXPERIMENT))
@@ -1244,7 +1186,6 @@ def restore(run, state, model, optimizer, generators, timer=None):
     write_atomic(Path(run) / "config.json", json.dumps(info, indent=2))  # the resume, now that the states loaded
     if timer is not None:  # the time earlier processes spent, up to this checkpoint
         timer.carried = {k: float(v) for k, v in state.get("seconds", {}).items()}
-        timer.untimed_steps = 0 if "seconds" in state else state["step"]
     truncate_metrics(run, state["step"])
     print(f"{run}: resumed from the checkpoint at step {state['step']}", flush=True)
     return state["step"]

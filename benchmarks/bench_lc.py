@@ -52,7 +52,7 @@ def main():
                 common.local_complexity(model, x, 0.005, v, batch_size=args.batch)
 
             def forward():  # the same vertices, same chunks, nothing else
-                with torch.no_grad(), common.exact_float32():
+                with torch.no_grad(), common.tf32_flags(False):
                     for i in range(0, len(x), args.batch):
                         xb = x[i:i + args.batch]
                         model((xb.reshape(len(xb), 1, -1) + offsets).reshape(-1, *shape))
