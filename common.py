@@ -875,7 +875,9 @@ def whole_number(text):
         value = int(text) if text.strip().lstrip("+-").isdigit() else float(text)
     except ValueError:
         value = math.nan
-    if isinstance(value, float) and not (math.isfinite(value) and value == int(value)):
+    if isinstance(value, int):
+        return value
+    if not (math.isfinite(value) and value == int(value)):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (e.g. 5000 or 5e3)")
     if abs(value) > 1e12:
         raise argparse.ArgumentTypeError(f"{text!r} is too large a count (at most 1e9)")
@@ -985,12 +987,10 @@ def check_config(cfg, input_dim=None):
 
 
 def start_run(out, config, device, notes=None):
-    """Claims the run folder and records the run; returns (run, checkpoint state or None).
-
-    A lock (run/.lock, released when the process ends) refuses a second process. A folder with a
-    checkpoint is refused without --resume and continued with it (config.json keeps the original
-    config and gains a "resumed" entry); a folder without one starts from step 0, the stopped
-    attempt's metrics kept as metrics.failed.jsonl. notes: more facts for config.json."""
+    """Claims the run folder (a lock refuses a second process) and records the run in config.json
+    (notes: more facts); returns (run, checkpoint state or None). A folder with a checkpoint is refused
+    without --resume and continued with it (config.json gains a "resumed" entry); one without starts
+    from step 0, the stopped attempt's metrics kept as metrics.failed.jsonl."""
     run = Path(out)
     has_checkpoint = (run / "checkpoint.pt").exists()
     if has_checkpoint and not config.resume:
@@ -1009,8 +1009,7 @@ def start_run(out, config, device, notes=None):
         lock.seek(0)
         die(f"{run} is in use by another process (pid {lock.read().strip() or '?'}); wait for it to end or choose "
             f"another --out")
-    lock.seek(0)
-    lock.truncate()
+    lock.truncate(0)
     lock.write(str(os.getpid()))
     lock.flush()
     _LOCKS.append(lock)
@@ -1075,8 +1074,8 @@ def start_run(out, config, device, notes=None):
 
 
 def write_atomic(path, data):
-    """Writes text or bytes in one step (a synced temporary file, then a rename): a kill or a full
-    disk mid-write leaves the old file whole. The one writer of every file a run rewrites."""
+    """Text or bytes via a synced temporary file and a rename: a kill or a full disk mid-write leaves
+    the old file whole. The one writer of every file a run rewrites."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -1087,8 +1086,7 @@ def write_atomic(path, data):
 
 
 def log_metrics(run, record):
-    """Appends one JSON line and flushes it to disk, so a crash loses nothing already logged. NaN and
-    infinities become null: metrics.jsonl stays valid JSON for strict readers."""
+    """Appends one JSON line, synced (a crash loses nothing logged); NaN and infinities become null."""
     strict = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}
     with open(Path(run) / "metrics.jsonl", "a") as f:
         f.write(json.dumps(strict, allow_nan=False) + "\n")
@@ -1120,8 +1118,7 @@ def read_metrics(run, up_to_step=None):
     return records
 
 
-def truncate_metrics(run, step):
-    """On resume: keep only the records up to the checkpoint's step (later ones will be redone)."""
+def truncate_metrics(run, step):  # on resume: the records after the checkpoint's step are redone
     records = read_metrics(run, up_to_step=step)
     write_atomic(Path(run) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
@@ -1135,17 +1132,14 @@ def write_csv(run):
         w.writerows(records)
 
 
-def to_bytes(obj):
-    """torch.save into memory: written by plain file I/O, a full disk raises OSError (ENOSPC), where
-    torch.save's own writer raises an obscure RuntimeError."""
+def to_bytes(obj):  # torch.save into memory: then a full disk raises OSError, not an obscure RuntimeError
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
 
 
 def save_checkpoint(run, model, optimizer, step, generators, seconds=None):
-    """Model, optimiser, step, the config and every RNG state (global and the named generators),
-    written atomically."""
+    """Model, optimiser, step, config.json's config and every RNG state, written atomically."""
     try:  # the experiment as config.json states it, so a resume can tell whether that file was edited
         config = json.loads((Path(run) / "config.json").read_text())["config"]
     except (OSError, ValueError, KeyError):
@@ -1158,9 +1152,8 @@ def save_checkpoint(run, model, optimizer, step, generators, seconds=None):
 
 
 def restore(run, state, model, optimizer, generators, timer=None):
-    """Records the model's structure in config.json (a resumed run must have the same), loads a
-    checkpoint into the model, optimiser and RNGs, drops the records logged after it (they are
-    redone) and returns its step; 0 for a new run (state None)."""
+    """Records the model's structure in config.json (a resumed run must have the same), loads the
+    checkpoint into model, optimiser and RNGs and returns its step; 0 for a new run (state None)."""
     info = json.loads(state["config.json"]) if state else json.loads((Path(run) / "config.json").read_text())
     structure = {"parameters": sum(p.numel() for p in model.parameters()),
                  "layers": [type(m).__name__ for m in model.modules()], "printed": repr(model)}
@@ -1228,16 +1221,14 @@ def onset_summary(records, tol=PLATEAU_TOLERANCE):
     return out
 
 
-def write_summary(run, time_report=None):
-    """summary.json: the onsets of the logged records, plus a time breakdown when given."""
+def write_summary(run, time_report=None):  # summary.json: the onsets, and the time breakdown when given
     summary = {**onset_summary(read_metrics(run)), **({"time": time_report} if time_report else {})}
     write_atomic(Path(run) / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
 def finish_run(run, timer, train_steps):
-    """Writes metrics.csv, metrics.png and summary.json (onsets and time breakdown), prints it, and
-    releases the folder."""
+    """metrics.csv, metrics.png and summary.json (printed); the folder is released."""
     timer.stop_training()
     with timer("plot"):
         write_csv(run)
