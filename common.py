@@ -140,8 +140,7 @@ def _as_labels(y, n=None):  # integer labels, one per example, as int64 (one_hot
 
 # ----------------------------------------------------------------------------- local complexity
 def random_directions(n, dim, generator=None):
-    """n orthonormal rows in R^dim (QR of a Gaussian), float32 on CPU. Use a dedicated
-    torch.Generator so the directions are fixed for the run and the global RNG is untouched."""
+    """n orthonormal rows in R^dim (QR of a Gaussian), float32 on CPU, from their own generator."""
     if n > dim:
         raise ValueError(f"cannot draw {n} orthonormal directions in {dim} dimensions")
     g = torch.randn(dim, n, generator=generator, dtype=torch.float64)
@@ -442,21 +441,17 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def channel_std(name):
-    """(C, 1, 1): a radius r in units of the input normalised by NORMALISATIONS[name] is r * std_c in
-    the input's own units."""
+def channel_std(name):  # (C, 1, 1): a radius r in units normalised by NORMALISATIONS[name] is r * std_c in pixels
     return torch.tensor(NORMALISATIONS[name][1]).reshape(-1, 1, 1)
 
 
-def in_input_units(directions, shape, name):
-    """(P, D) directions drawn orthonormal in units of the normalised input, in the input's own
-    units (channel c times std_c); shape: one input's (C, H, W)."""
+def in_input_units(directions, shape, name):  # (P, D) rows drawn in normalised units, in pixels (shape: (C, H, W))
     return (directions.reshape(-1, *shape) * channel_std(name).to(directions.device)).flatten(1)
 
 
 def units_notes(cfg, name):
-    """config.json's record of radii in units of the normalised input (NORMALISATIONS[name]): the
-    normalisation, and the radii per channel in [0, 1] pixels (r * std_c), also printed."""
+    """config.json's record of radii in normalised units: the normalisation, and the radii per
+    channel in [0, 1] pixels (r * std_c), also printed."""
     mean, std, source = NORMALISATIONS[name]
 
     def to_pixels(r):
@@ -533,15 +528,13 @@ def measure(model, cfg, probes, timer, step, full=True):
                         tuple(t.to(x.device) for t in papers_box(probes.units)))
     generator = torch.Generator(x.device).manual_seed(cfg.seed * 1_000_003 + step)
     for eps in cfg.pgd_eps:
-        start = generator.get_state()  # both attacks from the same random starts
+        attack = (model, x, y, eps * scale, cfg.pgd_alpha * scale, cfg.pgd_steps)
+        ce32_gen = torch.Generator(x.device).set_state(generator.get_state())  # both from the same random starts
         with timer("pgd"):
-            rec[f"pgd_acc_{eps:.3g}"] = pgd_accuracy(model, x, y, eps * scale, cfg.pgd_alpha * scale, cfg.pgd_steps,
-                                                   restarts=cfg.pgd_restarts, generator=generator)
+            rec[f"pgd_acc_{eps:.3g}"] = pgd_accuracy(*attack, restarts=cfg.pgd_restarts, generator=generator)
         with timer("pgd_ce32"):
-            ce32_gen = torch.Generator(x.device).set_state(start)
-            rec[f"pgd_ce32_acc_{eps:.3g}"] = pgd_accuracy(model, x, y, eps * scale, cfg.pgd_alpha * scale,
-                                                        cfg.pgd_steps, restarts=cfg.pgd_restarts, lo=ce32_lo, hi=ce32_hi,
-                                                        generator=ce32_gen, loss="ce32",
+            rec[f"pgd_ce32_acc_{eps:.3g}"] = pgd_accuracy(*attack, restarts=cfg.pgd_restarts, lo=ce32_lo, hi=ce32_hi,
+                                                        loss="ce32", generator=ce32_gen,
                                                         random_start=cfg.ce32_random_start)
     with timer("pgd_ce32"):
         margins = logit_margins(model, x, y)
@@ -553,21 +546,18 @@ def measure(model, cfg, probes, timer, step, full=True):
 
 # ----------------------------------------------------------------------------- partition picture
 def anchor_points(x, y):
-    """(inputs, labels) of three points for the partition picture: the first of each of three classes
-    (the first three points when fewer than three classes are present)."""
+    """(inputs, labels) of the partition picture's three points: the first of each of three classes."""
     firsts = [int((y == c).nonzero()[0, 0]) for c in torch.unique(y)[:3].tolist()]
     index = torch.tensor(firsts if len(firsts) == 3 else [0, 1, 2], device=x.device)
     return x[index], y[index]
 
 
 def partition_picture(model, anchors, path, resolution=300, margin=0.5, batch_size=1024, title="", labels=None):
-    """Draws the linear regions of model on the plane x0 + a (x1 - x0) + b (x2 - x0), a, b in
-    [-margin, 1 + margin], through three inputs (anchors: (3, ...)), from each grid point's
-    activation pattern (region_ids). Left: the regions in random light colours, their edges dark.
-    Right: the boundary density, neurons whose sign flips between neighbouring grid points (it
-    stays readable where regions are finer than the grid). Red: the decision boundary; dots: the
-    anchors, A, B and C, with their labels (if given) and the predicted class. Returns the number of
-    regions seen on the grid (a lower bound)."""
+    """The linear regions of model on the plane x0 + a (x1 - x0) + b (x2 - x0), a, b in [-margin,
+    1 + margin], through anchors (3, ...), from each grid point's activation pattern (region_ids).
+    Left: the regions in light colours. Right: the boundary density, neurons whose sign flips between
+    neighbouring grid points (readable where regions are finer than the grid). Red: the decision
+    boundary; A, B, C: the anchors. Returns the number of regions on the grid (a lower bound)."""
     import matplotlib
     from matplotlib.figure import Figure
 
@@ -637,10 +627,10 @@ def region_ids(model, points, point_shape, batch_size=1024, row=None):
     started, told = time.perf_counter(), False
     with torch.no_grad(), eval_mode(model), tf32_flags(False):
         for i in range(0, len(points), batch_size):
-            elapsed = time.perf_counter() - started
-            if i and not told and elapsed * len(points) / i > 5:  # a slow picture says how slow, once
-                print(f"partition picture: {len(points)} grid points, about {elapsed * len(points) / i:.0f} s "
-                      f"(fewer with a smaller resolution)", flush=True)
+            expected = (time.perf_counter() - started) * len(points) / max(i, 1)
+            if i and not told and expected > 5:  # a slow picture says how slow, once
+                print(f"partition picture: {len(points)} grid points, about {expected:.0f} s (fewer with a "
+                      f"smaller --partition-resolution)", flush=True)
                 told = True
             xb = points[i:i + batch_size].reshape(-1, *point_shape)
             parts, signs = [], []
