@@ -534,8 +534,8 @@ def measure(model, cfg, probes, timer, step, full=True):
             rec[f"pgd_acc_{eps:.3g}"] = pgd_accuracy(*attack, restarts=cfg.pgd_restarts, generator=generator)
         with timer("pgd_ce32"):
             rec[f"pgd_ce32_acc_{eps:.3g}"] = pgd_accuracy(*attack, restarts=cfg.pgd_restarts, lo=ce32_lo, hi=ce32_hi,
-                                                        loss="ce32", generator=ce32_gen,
-                                                        random_start=cfg.ce32_random_start)
+                                                          loss="ce32", generator=ce32_gen,
+                                                          random_start=cfg.ce32_random_start)
     with timer("pgd_ce32"):
         margins = logit_margins(model, x, y)
         for q in (10, 50, 90):
