@@ -827,10 +827,11 @@ def cli(main, config_class, argv=None):
         return main(cfg)
     except KeyboardInterrupt:
         records = read_metrics(cfg.out) if Path(cfg.out).is_dir() else []
+        at = "nothing logged yet"
         if records:  # what was logged, as a table and a plot
             write_csv(cfg.out)
             plot_run(cfg.out)
-        at = f"the last evaluation is at step {records[-1]['step']}; --resume goes on from the last checkpoint" if records else "nothing logged yet"
+            at = f"the last evaluation is at step {records[-1]['step']}; --resume goes on from the last checkpoint"
         print(f"\ninterrupted ({at}); continue with: {go_on}", file=sys.stderr, flush=True)
         raise SystemExit(130)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError, OSError) as e:
@@ -875,11 +876,10 @@ def whole_number(text):
 
 
 def parse_config(cls, argv=None):
-    """A dataclass of hyper-parameters from the command line, parsed once: every field a --flag,
-    its comment the help; numbers may be fractions (--pgd-eps 8/255) or 5e3. The class's PRESETS,
-    {(field, value): {field: default}}, fill the fields not given when a field has that value
-    (--quick's sizes, a data set's own defaults). --resume takes the run's stored config.json; a
-    flag given with it may change only a field of NOT_THE_EXPERIMENT, else it is refused."""
+    """The Config dataclass from the command line: every field a --flag, its comment the help. PRESETS
+    {(field, value): {field: default}} fill the fields not given when a field has that value (--quick's
+    sizes, a data set's defaults). --resume takes the stored config.json; a flag given with it may
+    change only a field of NOT_THE_EXPERIMENT."""
     helps = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(cls), re.M))
     parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
                                      allow_abbrev=False, argument_default=argparse.SUPPRESS)
@@ -938,11 +938,9 @@ def parse_config(cls, argv=None):
 
 
 def check_config(cfg, input_dim=None):
-    """Every field by its type, before anything is written: whole numbers >= 1, floats finite and
-    above 0, tuples of finite numbers >= 0; a field named in the Config's ZERO_OK may also be 0.
-    Then what the measurements need: seed below 2^32, rank_points >= 2, lc_directions at most the
-    input dimension. A script checks its own special fields (a fraction, a multiple of 8) itself.
-    The first violation ends the program with one line (exit code 2)."""
+    """Every field by its type, before anything is written: whole numbers >= 1, floats finite and > 0,
+    tuples of finite numbers >= 0 (ZERO_OK fields may be 0); then what the measurements need. A script
+    checks its own special fields itself. The first violation ends the program in one line."""
     zero_ok = getattr(cfg, "ZERO_OK", ())
     for f in dataclasses.fields(cfg):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
@@ -1178,12 +1176,11 @@ PLATEAU_TOLERANCE = 0.03  # accuracies within this of the final value count as t
 
 
 def onset_summary(records, tol=PLATEAU_TOLERANCE):
-    """Grokking onsets: the first step with train accuracy >= 99% (the fit), then, searching from
-    it (a weak model is briefly "robust" early on), the first step where test accuracy and each
-    PGD accuracy reach 99% of their final value, and the delays. An onset needs a plateau: the last
-    three evaluations within tol of the final value, and a final value above the curve's lowest by
-    more than tol; otherwise onset and delay are None and <key>_no_onset says why: "no_rise" or
-    "still_rising" (or "not_settled" when the end falls or swings). Plus LC at init, min, max, end."""
+    """Grokking onsets: the fit (first step with train accuracy >= 99%), then from it the first step
+    where test accuracy and each PGD accuracy reach 99% of their final value, and the delays. An onset
+    needs a plateau (the last three evaluations within tol of the final value, which lies above the
+    curve's lowest by more than tol); else <key>_no_onset says why: no_rise, still_rising or
+    not_settled. Plus LC at init, min, max and end."""
     if not records:
         return {}
     fit = next((r["step"] for r in records if (r.get("train_acc") or 0) >= 0.99), None)
@@ -1569,12 +1566,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".ti
 
 
 def load_image_folders(root, resolution, resize=False):
-    """(x_train, y_train, x_test, y_test): uint8 NCHW RGB images and int64 labels from
-    root/train/<class>/* and root/test/<class>/* (or val/), labels from the sorted class names.
-    resize=False: every image must be resolution px square (CIFAR-10); True: resized and
-    centre-cropped to it (Imagenette). Decoded once, then cached in root/tensors_<res>px_<key>.pt,
-    key hashing the mode and every file's path, size and time (a changed folder gets a new cache).
-    A missing split or class, a non-image or a wrong size ends the program in one line naming it."""
+    """(x_train, y_train, x_test, y_test): uint8 NCHW RGB images and int64 labels (sorted class names)
+    from root/{train,test or val}/<class>/*. Every image resolution px square (resize=False), or resized
+    and centre-cropped to it. Decoded once, then cached in root/tensors_<res>px_<key>.pt, the key hashing
+    every file's path, size and time. A missing split or class or a bad image ends the run in one line."""
     root = Path(root)
     test_split = next((s for s in ("test", "val") if (root / s).is_dir()), None)
     if not (root / "train").is_dir() or test_split is None:
