@@ -56,8 +56,7 @@ UNCOUNTED_KINKS = ("max_pool", "leaky_relu", "hardtanh", "relu6", "prelu", "rrel
 
 
 class _WatchFunctions(torch.overrides.TorchFunctionMode):
-    """Sees every torch function the model calls: relu outside an nn.ReLU module, and the other
-    piecewise-linear functions whose kinks no ReLU neuron stands for."""
+    """Sees relu called outside an nn.ReLU module, and other kinks that no ReLU neuron stands for."""
 
     def __init__(self):
         super().__init__()
@@ -161,7 +160,8 @@ def local_complexity(model, x, radius, directions, batch_size=64, zero_is_a_sign
     batch_size points run as batch_size * 2P vertices in one forward pass (memory bounded by the
     chunk). The radius: well below the distance between points, well above rounding (small r: LC
     proportional to r, benchmarks/precision.py). float32 with TF32 off (tf32=True: on, as the
-    authors' GPU code), eval mode, no gradients; the model and the global RNG are unchanged."""
+    authors' GPU code), eval mode, no gradients; the model and the global RNG are unchanged.
+    Refuses (ValueError) non-floating or non-finite inputs and a bad radius."""
     _check_points(x, "local_complexity")
     if x.abs().max() > 10:
         warnings.warn(f"local_complexity: inputs reach {x.abs().max().item():g}; the radius is in the inputs' units, so "
@@ -322,7 +322,8 @@ def pgd_attack(model, x, y, eps, alpha, steps, random_start=True, restarts=1, lo
     "ce32" is the papers' attack (grok-adversarial attacks.py): the float32 cross-entropy averaged
     over the batch, the last iterate scored. Past a margin of ~90 float32 rounds 1 - p_y to 0, the
     gradient is exactly zero, the point never moves and counts as robust: gradient masking
-    (logit_margins, zero_grad_fraction). Their code starts at x (random_start=False)."""
+    (logit_margins, zero_grad_fraction). Their code starts at x (random_start=False). Eval mode, the
+    model unchanged; refuses (ValueError) a NaN or negative eps or alpha, bad inputs, an unknown loss."""
     if loss not in PGD_LOSSES:
         raise ValueError(f"loss must be one of {PGD_LOSSES}, got {loss!r}")
     _check_points(x, "pgd_attack")
@@ -619,8 +620,7 @@ def region_ids(model, points, point_shape, batch_size=1024, row=None):
     signs are projected on 4 random integer vectors (entries < 2^20): exact float64 sums, so
     independent of batching; two patterns collide with probability below 2^-80."""
     gen = torch.Generator().manual_seed(12345)
-    weights = {}
-    keys, classes, flips = [], [], []
+    weights, keys, classes, flips = {}, [], [], []  # weights: each layer's projection
     if row:
         batch_size = max(1, batch_size // row) * row  # whole rows, so neighbours are in the batch or the last row
     above = None
