@@ -1062,10 +1062,13 @@ def start_run(out, config, device, notes=None):
 
 
 def write_atomic(path, data):
-    """Text or bytes via a synced temporary file and a rename: a kill or a full disk mid-write leaves
-    the old file whole. The one writer of every file a run rewrites."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    """Text, bytes or tensors (torch.save) via a synced temporary file and a rename: a kill or a full
+    disk mid-write leaves the old file whole. The one writer of every file a run rewrites."""
+    path, tmp = Path(path), Path(path).with_name(Path(path).name + ".tmp")
+    if not isinstance(data, (str, bytes)):  # serialised in memory, so a full disk raises a plain OSError
+        buffer = io.BytesIO()
+        torch.save(data, buffer)
+        data = buffer.getvalue()
     with open(tmp, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
@@ -1120,12 +1123,6 @@ def write_csv(run):
         w.writerows(records)
 
 
-def to_bytes(obj):  # torch.save into memory: then a full disk raises OSError, not an obscure RuntimeError
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
 def save_checkpoint(run, model, optimizer, step, generators, seconds=None):
     """Model, optimiser, step, config.json's config and every RNG state, written atomically."""
     try:  # the experiment as config.json states it, so a resume can tell whether that file was edited
@@ -1136,7 +1133,7 @@ def save_checkpoint(run, model, optimizer, step, generators, seconds=None):
              "rng_cpu": torch.get_rng_state(), "generators": {k: g.get_state() for k, g in generators.items()},
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
              "seconds": seconds or {}}
-    write_atomic(Path(run) / "checkpoint.pt", to_bytes(state))
+    write_atomic(Path(run) / "checkpoint.pt", state)
 
 
 def restore(run, state, model, optimizer, generators, timer=None):
@@ -1172,10 +1169,7 @@ def restore(run, state, model, optimizer, generators, timer=None):
     return state["step"]
 
 
-PLATEAU_TOLERANCE = 0.03  # accuracies within this of the final value count as the same level
-
-
-def onset_summary(records, tol=PLATEAU_TOLERANCE):
+def onset_summary(records, tol=0.03):  # tol: accuracies this close to the final value count as the same level
     """Grokking onsets: the fit (first step with train accuracy >= 99%), then from it the first step
     where test accuracy and each PGD accuracy reach 99% of their final value, and the delays. An onset
     needs a plateau (the last three evaluations within tol of the final value, which lies above the
@@ -1630,7 +1624,7 @@ def load_image_folders(root, resolution, resize=False):
                 labels.append(label)
         tensors += [torch.stack(images), torch.tensor(labels)]
     try:
-        write_atomic(cache, to_bytes(tensors))
+        write_atomic(cache, tensors)
     except OSError as e:  # a read-only folder, a full disk
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
         warnings.warn(f"cannot cache the decoded images in {root} ({reason}); they will be decoded again next time")
