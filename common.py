@@ -983,24 +983,7 @@ def start_run(out, config, device, notes=None):
     has_checkpoint = (run / "checkpoint.pt").exists()
     if has_checkpoint and not config.resume:
         die(f"{run} already holds a run; pass --resume to continue it or choose another --out")
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-        lock = open(run / ".lock", "a+")
-    except OSError as e:
-        die(f"cannot write the run folder {run} ({e.strerror}); choose another --out")
-    try:
-        import fcntl
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # no fcntl (Windows): no lock
-        pass
-    except OSError:
-        lock.seek(0)
-        die(f"{run} is in use by another process (pid {lock.read().strip() or '?'}); wait for it to end or choose "
-            f"another --out")
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
-    _LOCKS.append(lock)
+    claim(run)
     info = {"config": dataclasses.asdict(config), "command": " ".join([sys.executable, *sys.argv]),
             "torch": torch.__version__, "device": str(device),
             "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
@@ -1019,34 +1002,7 @@ def start_run(out, config, device, notes=None):
         release(run)
         raise SystemExit(0)
     if has_checkpoint:
-        stored = json.loads((run / "config.json").read_text())
-        anyway = []  # what could not be checked, continued with --continue-anyway
-        stored_hashes = stored.get("code_sha256", {})
-        changed_code = sorted(k for k, v in info["code_sha256"].items() if stored_hashes.get(k) != v)
-        if changed_code:
-            anyway.append(f"changed code: {', '.join(changed_code)}")
-        if "data" in info and "data" not in stored:
-            anyway.append("data made before fingerprints")
-        if anyway and not getattr(config, "continue_anyway", False):
-            die(f"--resume: {run} cannot be continued as it started ({'; '.join(anyway)}): the records could mix two "
-                f"versions of the code or two data sets. Continue knowingly with --continue-anyway (recorded in "
-                f"config.json), or start a new --out")
-        if "data" in stored and "data" in info and stored["data"] != info["data"]:
-            die(f"--resume: {run} was trained on other data (shapes {stored['data']['shapes']}, hash "
-                f"{stored['data']['sha256']}; now {info['data']['shapes']}, {info['data']['sha256']}); point --data-dir "
-                f"at the data it ran on, or start a new --out")
-        saved = state.get("config")
-        if saved is not None:
-            edited = [k for k, v in json.loads(json.dumps(saved)).items()
-                      if k not in NOT_THE_EXPERIMENT and stored["config"].get(k) != v]
-            if edited:
-                die(f"--resume: {run}/config.json no longer matches its checkpoint ({', '.join(edited)} differ); "
-                    f"restore config.json or start a new --out")
-        changed = {k: v for k, v in json.loads(json.dumps(info["config"])).items() if stored["config"].get(k) != v}
-        stored.setdefault("resumed", []).append({k: info[k] for k in ("command", "git_commit", "device", "started")}
-                                                | {"changed": changed} | ({"continued_anyway": anyway} if anyway else {}))
-        stored["config"].update({k: v for k, v in changed.items() if k in NOT_THE_EXPERIMENT and k != "resume"})
-        info = stored  # the original record, with the schedule now in force (a later --resume continues it)
+        info = resumed_record(run, info, state, config)
     else:
         if config.resume:
             print(f"{run}: no checkpoint yet, so the run starts from step 0")
@@ -1221,8 +1177,8 @@ def finish_run(run, timer, train_steps):
 
 
 # ----------------------------------------------------------------------------- integrity: the same run, or a refusal
-# What makes a resumed run the same run: the lock, provenance (git commit, code hashes), the data's
-# fingerprint, the checks of a loaded checkpoint. A reader of the run folder may skip this part.
+# What makes a resumed run the same run: the lock (claim, release), provenance (git commit, code
+# hashes), the data's fingerprint, the checks of a resume and of its checkpoint. A reader may skip this.
 _LOCKS = []  # open lock files: held for the life of the process
 
 
@@ -1233,6 +1189,59 @@ def release(run):
         lock.unlink(missing_ok=True)
         held.close()
         _LOCKS.remove(held)
+
+
+def claim(run):
+    """Makes the run folder and takes its lock (run/.lock, holding this process's pid) for the life of
+    the process; a folder another process holds is refused."""
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        lock = open(run / ".lock", "a+")
+    except OSError as e:
+        die(f"cannot write the run folder {run} ({e.strerror}); choose another --out")
+    try:
+        import fcntl
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no fcntl (Windows): no lock
+        pass
+    except OSError:
+        lock.seek(0)
+        die(f"{run} is in use by another process (pid {lock.read().strip() or '?'}); wait for it to end or choose "
+            f"another --out")
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    _LOCKS.append(lock)
+
+
+def resumed_record(run, info, state, config):
+    """config.json's original record with this resume appended, once the checkpoint and this process
+    agree with it: the same code (else --continue-anyway), the same data, config.json not edited."""
+    stored = json.loads((run / "config.json").read_text())
+    anyway = []  # what could not be checked, continued with --continue-anyway
+    changed_code = sorted(k for k, v in info["code_sha256"].items() if stored.get("code_sha256", {}).get(k) != v)
+    if changed_code:
+        anyway.append(f"changed code: {', '.join(changed_code)}")
+    if "data" in info and "data" not in stored:
+        anyway.append("data made before fingerprints")
+    if anyway and not getattr(config, "continue_anyway", False):
+        die(f"--resume: {run} cannot be continued as it started ({'; '.join(anyway)}): the records could mix two "
+            f"versions of the code or two data sets. Continue knowingly with --continue-anyway (recorded in "
+            f"config.json), or start a new --out")
+    if "data" in stored and "data" in info and stored["data"] != info["data"]:
+        die(f"--resume: {run} was trained on other data (shapes {stored['data']['shapes']}, hash "
+            f"{stored['data']['sha256']}; now {info['data']['shapes']}, {info['data']['sha256']}); point --data-dir "
+            f"at the data it ran on, or start a new --out")
+    edited = [k for k, v in json.loads(json.dumps(state.get("config") or {})).items()
+              if k not in NOT_THE_EXPERIMENT and stored["config"].get(k) != v]
+    if edited:
+        die(f"--resume: {run}/config.json no longer matches its checkpoint ({', '.join(edited)} differ); "
+            f"restore config.json or start a new --out")
+    changed = {k: v for k, v in json.loads(json.dumps(info["config"])).items() if stored["config"].get(k) != v}
+    stored.setdefault("resumed", []).append({k: info[k] for k in ("command", "git_commit", "device", "started")}
+                                            | {"changed": changed} | ({"continued_anyway": anyway} if anyway else {}))
+    stored["config"].update({k: v for k, v in changed.items() if k in NOT_THE_EXPERIMENT and k != "resume"})
+    return stored  # the original record, with the schedule now in force (a later --resume continues it)
 
 
 def git_commit():
