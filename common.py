@@ -900,40 +900,8 @@ def parse_config(cls, argv=None):
             values.update({k: v for k, v in preset.items() if k not in given})
     if values.get("quick") and "out" not in given:  # a quick run never takes the real run's folder
         values["out"] = values["out"].rstrip("/") + "_quick"
-    out, stored_path = Path(values["out"]), Path(values["out"]) / "config.json"
-    if values["resume"] and not stored_path.exists():
-        if (out / "checkpoint.pt").exists():
-            die(f"--resume: {out} has a checkpoint but no config.json (deleted?); without it the run cannot "
-                f"be continued safely: restore config.json, or start a new --out")
-        die(f"--resume: there is no run in {out} (no config.json); check --out, or drop --resume to start "
-            f"a new run there")
-    if values["resume"] and (out / "checkpoint.pt").exists():
-        try:
-            info = json.loads(stored_path.read_text())
-            stored = info["config"]
-        except (ValueError, KeyError) as e:
-            die(f"{stored_path} is not a config this toolkit wrote ({e}); start a new run with another --out")
-        made_by, this = script_of(info), Path(sys.argv[0]).name
-        if made_by and this.startswith("exp_") and made_by != this:
-            die(f"--resume: {out} holds a run of {made_by}, not of {this}; resume it with {made_by}")
-        stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in defaults}
-        for k, v in stored.items():  # the types this script's fields have (JSON: exactly int, float, bool, str)
-            want = type(defaults[k])
-            if not (type(v) is want or (want, type(v)) == (float, int) or
-                    (want is tuple and all(type(e) in (int, float) for e in v))):
-                die(f"{stored_path}: {k} is {v!r}, not a {want.__name__}; the file was edited or damaged: restore it, "
-                    f"or start a new --out")
-        newer = sorted(set(defaults) - set(stored) - set(NOT_THE_EXPERIMENT))
-        if newer:
-            die(f"--resume: {out} was made by an older version of this script, without "
-                + ", ".join(f"--{k.replace('_', '-')}" for k in newer) + "; today's defaults could change the "
-                "experiment, so start a new --out (or add the value it ran with to config.json)")
-        changed = [k for k, v in given.items() if k not in NOT_THE_EXPERIMENT and k in stored and stored[k] != v]
-        if changed:
-            die(f"--resume: {out} holds a run with " + ", ".join(f"--{k.replace('_', '-')} {stored[k]}" for k in
-                changed) + " (given: " + ", ".join(f"{given[k]}" for k in changed) + "); these define the experiment "
-                f"and cannot change on resume (only {', '.join(NOT_THE_EXPERIMENT)} can): drop them, or start a new --out")
-        values = {**values, **stored, **given}
+    if values["resume"]:  # the run's own config, checked (integrity, below), with the flags given now
+        values = {**values, **stored_config(Path(values["out"]), defaults, given), **given}
     return cls(**values)
 
 
@@ -993,7 +961,7 @@ def start_run(out, config, device, notes=None):
                         NOT_THE_EXPERIMENT and getattr(config, f.name) != f.default},  # what differs from the defaults
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "normalisation": {"name": "none", "source": "the model sees its inputs as given: [0, 1] pixels (one-hot "
-                                                       "entries for modular arithmetic); radii are in those units"},
+                              "entries for modular arithmetic); radii are in those units"},
             **(notes or {})}
     # every refusal below (die) leaves the folder as it was: the lock goes with it
     state = read_checkpoint(run, config.steps) if has_checkpoint else None
@@ -1182,15 +1150,6 @@ def finish_run(run, timer, train_steps):
 _LOCKS = []  # open lock files: held for the life of the process
 
 
-def release(run):
-    """Lets go of the run folder: its lock file goes (a finished folder holds no lock)."""
-    lock = Path(run) / ".lock"
-    for held in [f for f in _LOCKS if Path(f.name) == lock]:
-        lock.unlink(missing_ok=True)
-        held.close()
-        _LOCKS.remove(held)
-
-
 def claim(run):
     """Makes the run folder and takes its lock (run/.lock, holding this process's pid) for the life of
     the process; a folder another process holds is refused."""
@@ -1212,6 +1171,80 @@ def claim(run):
     lock.write(str(os.getpid()))
     lock.flush()
     _LOCKS.append(lock)
+
+
+def release(run):
+    """Lets go of the run folder: its lock file goes (a finished folder holds no lock)."""
+    lock = Path(run) / ".lock"
+    for held in [f for f in _LOCKS if Path(f.name) == lock]:
+        lock.unlink(missing_ok=True)
+        held.close()
+        _LOCKS.remove(held)
+
+
+def stored_config(out, defaults, given):
+    """--resume: the config the run in out started with (config.json), refused when it cannot be the
+    same experiment: no config.json, another script's run, an edited or damaged file, an older
+    version's run without some of today's fields, a flag given now that defines the experiment."""
+    stored_path = out / "config.json"
+    if not stored_path.exists():
+        if (out / "checkpoint.pt").exists():
+            die(f"--resume: {out} has a checkpoint but no config.json (deleted?); without it the run cannot "
+                f"be continued safely: restore config.json, or start a new --out")
+        die(f"--resume: there is no run in {out} (no config.json); check --out, or drop --resume to start "
+            f"a new run there")
+    if not (out / "checkpoint.pt").exists():
+        return {}  # no checkpoint yet: the run starts from step 0 with the flags given now
+    try:
+        info = json.loads(stored_path.read_text())
+        stored = info["config"]
+    except (ValueError, KeyError) as e:
+        die(f"{stored_path} is not a config this toolkit wrote ({e}); start a new run with another --out")
+    made_by, this = script_of(info), Path(sys.argv[0]).name
+    if made_by and this.startswith("exp_") and made_by != this:
+        die(f"--resume: {out} holds a run of {made_by}, not of {this}; resume it with {made_by}")
+    stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in defaults}
+    for k, v in stored.items():  # the types this script's fields have (JSON: exactly int, float, bool, str)
+        want = type(defaults[k])
+        if not (type(v) is want or (want, type(v)) == (float, int) or
+                (want is tuple and all(type(e) in (int, float) for e in v))):
+            die(f"{stored_path}: {k} is {v!r}, not a {want.__name__}; the file was edited or damaged: restore it, "
+                f"or start a new --out")
+    newer = sorted(set(defaults) - set(stored) - set(NOT_THE_EXPERIMENT))
+    if newer:
+        die(f"--resume: {out} was made by an older version of this script, without "
+            + ", ".join(f"--{k.replace('_', '-')}" for k in newer) + "; today's defaults could change the "
+            "experiment, so start a new --out (or add the value it ran with to config.json)")
+    changed = [k for k, v in given.items() if k not in NOT_THE_EXPERIMENT and k in stored and stored[k] != v]
+    if changed:
+        die(f"--resume: {out} holds a run with " + ", ".join(f"--{k.replace('_', '-')} {stored[k]}" for k in
+            changed) + " (given: " + ", ".join(f"{given[k]}" for k in changed) + "); these define the experiment "
+            f"and cannot change on resume (only {', '.join(NOT_THE_EXPERIMENT)} can): drop them, or start a new --out")
+    return stored
+
+
+def read_checkpoint(run, steps):
+    """The checkpoint (weights_only: loading runs no code), checked before anything is written: its
+    entries, a whole-number step between 0 and --steps that metrics.jsonl logged. A damaged or
+    inconsistent one ends the program in one line."""
+    path = Path(run) / "checkpoint.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in ("model", "optimizer", "step", "generators", "rng_cpu", "rng_cuda") if k not in state]
+    except Exception as e:  # torch.load raises many types on a damaged file
+        die(f"{path} is damaged or not a checkpoint of this toolkit ({type(e).__name__}); start again in a new --out")
+    if missing:
+        die(f"{path} lacks {', '.join(missing)}: not a checkpoint of this toolkit; start again in a new --out")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        die(f"{path}: its step {step!r} is not a whole number >= 0; the file is damaged, start again in a new --out")
+    if step > steps:
+        die(f"--resume: {run} is at step {step}, past --steps {steps}; give --steps {step} or more")
+    logged = {r["step"] for r in read_metrics(run)}
+    if step not in logged:
+        die(f"{path} is at step {step} but metrics.jsonl logged no evaluation there; the two files do not belong "
+            f"together: restore them, or start a new --out")
+    return state
 
 
 def resumed_record(run, info, state, config):
@@ -1276,30 +1309,6 @@ def data_fingerprint(*tensors):
         digest.update(str((tuple(t.shape), str(t.dtype))).encode())
         digest.update(t.detach().cpu().contiguous().numpy().tobytes())
     return {"shapes": [list(t.shape) for t in tensors], "sha256": digest.hexdigest()[:20]}
-
-
-def read_checkpoint(run, steps):
-    """The checkpoint (weights_only: loading runs no code), checked before anything is written: its
-    entries, a whole-number step between 0 and --steps that metrics.jsonl logged. A damaged or
-    inconsistent one ends the program in one line."""
-    path = Path(run) / "checkpoint.pt"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        missing = [k for k in ("model", "optimizer", "step", "generators", "rng_cpu", "rng_cuda") if k not in state]
-    except Exception as e:  # torch.load raises many types on a damaged file
-        die(f"{path} is damaged or not a checkpoint of this toolkit ({type(e).__name__}); start again in a new --out")
-    if missing:
-        die(f"{path} lacks {', '.join(missing)}: not a checkpoint of this toolkit; start again in a new --out")
-    step = state["step"]
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        die(f"{path}: its step {step!r} is not a whole number >= 0; the file is damaged, start again in a new --out")
-    if step > steps:
-        die(f"--resume: {run} is at step {step}, past --steps {steps}; give --steps {step} or more")
-    logged = {r["step"] for r in read_metrics(run)}
-    if step not in logged:
-        die(f"{path} is at step {step} but metrics.jsonl logged no evaluation there; the two files do not belong "
-            f"together: restore them, or start a new --out")
-    return state
 
 
 # ----------------------------------------------------------------------------- plots
