@@ -5,7 +5,8 @@
    (two attacks) with logit_margins and zero_grad_fraction, and measure(), which takes them all at
    one step; partition_picture draws the linear regions on a plane.
 2. BOOKKEEPING: the evaluation step, the command line, the run folder (config.json, metrics,
-   checkpoint and resume, summary.json), metrics.png.
+   checkpoint and resume, summary.json), metrics.png; what makes a resumed run the same run (the
+   lock, the checks of a resume) in one sub-section a reader may skip.
 3. DATA: the MNIST, CIFAR-10 and image-folder loaders.
 
 Every measurement finds the neurons the same way: the inputs of every nn.ReLU module that runs in
