@@ -1096,9 +1096,10 @@ def restore(run, state, model, optimizer, generators, timer=None):
 
 def onset_summary(records, tol=0.03):  # tol: accuracies this close to the final value count as the same level
     """Grokking onsets: the fit (first step with train accuracy >= 99%), then from it the first step
-    where test accuracy and each PGD accuracy reach 99% of their final value, and the delays. An onset
-    needs a plateau (the last three evaluations within tol of the final value, which lies above the
-    curve's lowest by more than tol); else <key>_no_onset says why: no_rise, still_rising or
+    where test accuracy and each PGD accuracy reach 99% of their final value and never again fall more
+    than tol below that level (an early peak that collapses is not the onset), and the delays. An
+    onset needs a plateau (the last three evaluations within tol of the final value, which lies above
+    the curve's lowest by more than tol); else <key>_no_onset says why: no_rise, still_rising or
     not_settled. Plus LC at init, min, max and end."""
     if not records:
         return {}
@@ -1111,13 +1112,13 @@ def onset_summary(records, tol=0.03):  # tol: accuracies this close to the final
         values = [r[key] for r in after if r.get(key) is not None]
         if last[key] is None or not values:
             continue
-        tail = values[-3:]
+        steps, tail, level = [r["step"] for r in after if r.get(key) is not None], values[-3:], 0.99 * last[key]
         if last[key] <= min(r[key] for r in records if r.get(key) is not None) + tol:
             out[f"{key}_no_onset"] = "no_rise"
         elif any(abs(v - last[key]) > tol for v in tail):
             out[f"{key}_no_onset"] = "still_rising" if tail[0] < last[key] - tol else "not_settled"
         onset = None if f"{key}_no_onset" in out else next(
-            r["step"] for r in after if r.get(key) is not None and r[key] >= 0.99 * last[key])
+            s for i, s in enumerate(steps) if values[i] >= level and min(values[i:]) >= level - tol)
         out[f"{key}_99pct_of_final_step"] = onset
         if onset is not None and fit is not None:
             out[f"{key}_delay_steps"] = onset - fit

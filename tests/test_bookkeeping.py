@@ -144,3 +144,18 @@ def test_plots_leave_a_notebooks_backend_and_figures_alone(tmp_path):
         matplotlib.use(old)
 
 
+
+
+def test_an_early_peak_that_collapses_is_not_the_onset():
+    # the full CIFAR-10 CNN under the papers' attack: above its final value while it learns, at 0 for
+    # 1e5 steps, back to its final 8% at the end; the net never fits, so the search starts at step 0
+    curve = {0: 0.0, 1: 0.10, 5: 0.17, 300: 0.05, 4000: 0.0, 60000: 0.0, 100000: 0.004, 160000: 0.035,
+             220000: 0.057, 240000: 0.0795, 250000: 0.081, 260000: 0.080}
+    records = [{"step": s, "train_acc": 0.97, "pgd_ce32_acc_0.196": v} for s, v in curve.items()]
+    s = common.onset_summary(records)
+    assert s["train_acc_99_step"] is None
+    assert s["pgd_ce32_acc_0.196_99pct_of_final_step"] == 240000  # 0.0795 >= 0.99 * 0.080, and it stays there
+    # a rise that dips back within tol of the level still has its onset at the first crossing
+    wobbly = [{"step": s, "train_acc": 1.0, "test_acc": v} for s, v in zip(range(0, 700, 100),
+                                                                       [0.1, 0.5, 0.9, 0.88, 0.9, 0.91, 0.9])]
+    assert common.onset_summary(wobbly)["test_acc_99pct_of_final_step"] == 200
