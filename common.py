@@ -864,11 +864,13 @@ def number(text):
 def whole_number(text):
     """An int from the command line; integral scientific notation such as 5e3 is welcome."""
     try:
-        value = int(text) if text.strip().lstrip("+-").isdigit() else float(text)
+        return int(text)
     except ValueError:
-        value = math.nan
-    if isinstance(value, int):
-        return value
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (e.g. 5000 or 5e3)") from None
     if not (math.isfinite(value) and value == int(value)):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (e.g. 5000 or 5e3)")
     if abs(value) > 1e12:
@@ -989,7 +991,8 @@ def start_run(out, config, device, notes=None):
 def write_atomic(path, data):
     """Text, bytes or tensors (torch.save) via a synced temporary file and a rename: a kill or a full
     disk mid-write leaves the old file whole. The one writer of every file a run rewrites."""
-    path, tmp = Path(path), Path(path).with_name(Path(path).name + ".tmp")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
     if not isinstance(data, (str, bytes)):  # serialised in memory, so a full disk raises a plain OSError
         buffer = io.BytesIO()
         torch.save(data, buffer)
@@ -1109,16 +1112,16 @@ def onset_summary(records, tol=0.03):  # tol: accuracies this close to the final
     out = {"train_acc_99_step": fit}
     for key in [k for k in last if k == "test_acc" or k.startswith(("pgd_acc", "pgd_ce32_acc"))]:
         out[f"{key}_final"] = last[key]
-        values = [r[key] for r in after if r.get(key) is not None]
-        if last[key] is None or not values:
+        curve = [(r["step"], r[key]) for r in after if r.get(key) is not None]
+        if last[key] is None or not curve:
             continue
-        steps, tail, level = [r["step"] for r in after if r.get(key) is not None], values[-3:], 0.99 * last[key]
+        tail, level = [v for _, v in curve[-3:]], 0.99 * last[key]
         if last[key] <= min(r[key] for r in records if r.get(key) is not None) + tol:
             out[f"{key}_no_onset"] = "no_rise"
         elif any(abs(v - last[key]) > tol for v in tail):
             out[f"{key}_no_onset"] = "still_rising" if tail[0] < last[key] - tol else "not_settled"
-        onset = None if f"{key}_no_onset" in out else next(
-            s for i, s in enumerate(steps) if values[i] >= level and min(values[i:]) >= level - tol)
+        fell = max((i for i, (_, v) in enumerate(curve) if v < level - tol), default=-1)  # its last fall below
+        onset = None if f"{key}_no_onset" in out else next(s for s, v in curve[fell + 1:] if v >= level)
         out[f"{key}_99pct_of_final_step"] = onset
         if onset is not None and fit is not None:
             out[f"{key}_delay_steps"] = onset - fit
