@@ -1,17 +1,14 @@
 """What the exp_*.py scripts share, in three parts.
 
-1. MEASUREMENTS, each tested against an independent oracle in tests/ (a reader who wants only
-   these can stop at part 2): local_complexity (LC), layer_ranks and weight_norm, pgd_accuracy
-   (two attacks) with logit_margins and zero_grad_fraction, and measure(), which takes them all at
-   one step; partition_picture draws the linear regions on a plane.
-2. BOOKKEEPING: the evaluation step, the command line, the run folder (config.json, metrics,
-   checkpoint and resume, summary.json), metrics.png; what makes a resumed run the same run (the
-   lock, the checks of a resume) in one sub-section a reader may skip.
+1. MEASUREMENTS, each tested against an independent oracle in tests/: local_complexity (LC),
+   layer_ranks, weight_norm, pgd_accuracy (two attacks), logit_margins, zero_grad_fraction;
+   measure() takes them all at one step; partition_picture draws the linear regions on a plane.
+2. BOOKKEEPING: the evaluation step, the command line, the run folder, metrics.png; the checks
+   that make a resumed run the same run, in one sub-section a reader may skip.
 3. DATA: the MNIST, CIFAR-10 and image-folder loaders.
 
-Every measurement finds the neurons the same way: the inputs of every nn.ReLU module that runs in
-the forward pass, in the order they run (a conv layer's: every channel x position). Build the
-models you measure with nn.ReLU modules, not F.relu.
+The neurons are the inputs of every nn.ReLU module that runs in the forward pass, in the order
+they run (a conv layer's: every channel x position): build models with nn.ReLU, not F.relu.
 """
 import argparse
 import contextlib
@@ -74,12 +71,10 @@ class _WatchFunctions(torch.overrides.TorchFunctionMode):
 
 @contextlib.contextmanager
 def relu_inputs(model, reduce):
-    """Calls reduce(layer_index, pre_activation) on the input of every nn.ReLU as it runs.
-
-    A pre-hook, so an inplace ReLU is seen before it overwrites its input; a module run twice is
-    two layers; the hooks are always removed. Refuses (ValueError) a model without nn.ReLU, one
-    where none ran, and one that calls relu as a function (F.relu: neurons silently left out);
-    warns when some nn.ReLU never ran or the model has other kinks (max-pooling, leaky ReLU...)."""
+    """Calls reduce(layer_index, pre_activation) on the input of every nn.ReLU as it runs (a pre-hook:
+    an inplace ReLU is seen before it overwrites it; a module run twice is two layers). Refuses
+    (ValueError) a model without nn.ReLU, one where none ran, one that calls F.relu (neurons left out);
+    warns when some nn.ReLU never ran or other kinks (max-pooling, leaky ReLU...) cut the input too."""
     name = type(model).__name__
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
     if not relus:
@@ -150,19 +145,13 @@ def random_directions(n, dim, generator=None):
 
 
 def local_complexity(model, x, radius, directions, batch_size=64, zero_is_a_sign=False, tf32=False):
-    """Number of neurons cut by the cross-polytope conv{x +- radius * v_p} around each point.
-
-    x: (N, ...) points; directions: (P, D) rows, D = x[i].numel() (radii in normalised units:
-    in_input_units), or an int P (P orthonormal directions, seed 0). A neuron (an nn.ReLU input;
-    per channel x position for conv maps) is cut when it is > 0 at some vertex and <= 0 at another;
-    zero_is_a_sign=True also counts one that is 0 at some vertices and < 0 at the others, as the
-    authors' code does. Returns a LongTensor (N, L) on the CPU: counts per point and ReLU layer.
-
-    batch_size points run as batch_size * 2P vertices in one forward pass (memory bounded by the
-    chunk). The radius: well below the distance between points, well above rounding (small r: LC
-    proportional to r, benchmarks/precision.py). float32 with TF32 off (tf32=True: on, as the
-    authors' GPU code), eval mode, no gradients; the model and the global RNG are unchanged.
-    Refuses (ValueError) non-floating or non-finite inputs and a bad radius."""
+    """Number of neurons cut by the cross-polytope conv{x +- radius * v_p} around each point: a LongTensor
+    (N, L) on the CPU, per point and ReLU layer. x: (N, ...); directions: (P, D) rows, D = x[i].numel()
+    (for normalised units: in_input_units), or an int P (P orthonormal ones, seed 0). A neuron is cut
+    when it is > 0 at some vertex and <= 0 at another (zero_is_a_sign=True: also 0 at some and < 0 at
+    the others, as the authors' code). batch_size points run as batch_size * 2P vertices a forward
+    pass. float32, TF32 off (tf32=True: on, as the authors' GPU code), eval mode; the model and the
+    global RNG unchanged. Refuses (ValueError) non-floating or non-finite inputs and a bad radius."""
     _check_points(x, "local_complexity")
     if x.abs().max() > 10:
         warnings.warn(f"local_complexity: inputs reach {x.abs().max().item():g}; the radius is in the inputs' units, so "
@@ -208,8 +197,7 @@ def lc_summary(counts):  # mean LC over points, and the half-width of its 99% no
 
 @contextlib.contextmanager
 def tf32_flags(allowed):
-    """Both TF32 flags (CUDA matmuls, cuDNN convolutions) set for the duration, then restored. TF32
-    rounds to ~1e-3 relative, far coarser than an LC radius of 5e-3: measurements turn it off."""
+    """Both TF32 flags (matmul, cuDNN) set for the duration: TF32 rounds to ~1e-3, too coarse to measure."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
     try:
@@ -244,33 +232,22 @@ def boundary_points(model, x, steps=20, batch_size=1024):
 
 
 # ----------------------------------------------------------------------------- rank and norm
-def _entropy_rank(s):  # Roy & Vetterli: exp of the entropy of the singular values normalised to sum 1
+def _entropy_rank(s):  # effective rank (Roy & Vetterli): exp of the entropy of the singular values / their sum
     p = s / s.sum()
     p = p[p > 0]
     return math.exp(-(p * p.log()).sum().item())
 
 
-def _as_features(pre):
-    """A ReLU input as rows of features: (N, d) dense; conv (N, C, H, W): every position is a row of
-    C channels, (N*H*W, C); sequence (N, T, d): (N*T, d). Keeps conv covariances small (C x C)."""
-    if pre.dim() == 4:
-        return einops.rearrange(pre, "n c h w -> (n h w) c")
-    return einops.rearrange(pre, "n ... d -> (n ...) d")
-
-
 def layer_ranks(model, x, batch_size=1024):
-    """(rank, effective rank) of the covariance of every ReLU layer's input over the points x.
-
-    A dense layer (N, d): the d x d covariance over the N points; conv (N, C, H, W): C x C over the
-    N * H * W positions; a sequence (N, T, d): d x d over the N * T tokens. As Deep Grokking, in
-    float64 (a float64 copy of the model: float32 rounding raises the rank of every layer behind a
-    low-rank bottleneck), with matrix_rank's default tolerance sigma_max * d * eps. The effective rank
-    (Roy & Vetterli): exp of the entropy of the normalised singular values, between 1 and the rank.
-    The covariance is accumulated batch by batch, shifted by the first row (constant features: 0)."""
+    """(rank, effective rank) of the covariance of every ReLU layer's input over the points x: dense
+    (N, d): d x d over the N points; conv (N, C, H, W): C x C over the N*H*W positions; sequence
+    (N, T, d): d x d over the N*T tokens. In float64 as Deep Grokking (a float64 copy of the model:
+    float32 rounding raises the rank behind a low-rank bottleneck), matrix_rank's default tolerance;
+    accumulated batch by batch, shifted by the first row (constant features: 0)."""
     stats = {}
 
     def accumulate(layer, pre):
-        h = _as_features(pre)
+        h = einops.rearrange(pre, "n c h w -> (n h w) c" if pre.dim() == 4 else "n ... d -> (n ...) d")
         if layer not in stats:
             stats[layer] = [h[0].clone(), 0, torch.zeros_like(h[0]), torch.zeros(h.shape[1], h.shape[1], dtype=h.dtype, device=h.device)]
         shift, n, total, outer = stats[layer]
@@ -313,18 +290,15 @@ def _check_radius(name, value, lo, hi):
 
 def pgd_attack(model, x, y, eps, alpha, steps, random_start=True, restarts=1, lo=0.0, hi=1.0,
                generator=None, loss="log1m"):
-    """L-infinity PGD (untargeted): sign steps of size alpha, projected on |x_adv - x| <= eps and
-    clamped to [lo, hi]; eps, alpha, lo, hi broadcast against one input (per channel: (C, 1, 1)).
-
-    "log1m" (default, the toolkit's) measures robustness: it ascends log(1 - p_y) in float64, whose
-    input gradient is a positive multiple of the cross-entropy's (the same sign steps) but never
-    vanishes on confident logits; each example keeps the first iterate of any step or restart that
-    fools the model, so robust accuracy can only fall with more steps or restarts.
-    "ce32" is the papers' attack (grok-adversarial attacks.py): the float32 cross-entropy averaged
-    over the batch, the last iterate scored. Past a margin of ~90 float32 rounds 1 - p_y to 0, the
-    gradient is exactly zero, the point never moves and counts as robust: gradient masking
-    (logit_margins, zero_grad_fraction). Their code starts at x (random_start=False). Eval mode, the
-    model unchanged; refuses (ValueError) a NaN or negative eps or alpha, bad inputs, an unknown loss."""
+    """L-infinity PGD (untargeted): sign steps of size alpha, projected on |x_adv - x| <= eps and clamped
+    to [lo, hi]; eps, alpha, lo, hi broadcast against one input (per channel: (C, 1, 1)).
+    "log1m" (the toolkit's) measures robustness: it ascends log(1 - p_y) in float64, whose gradient has
+    the cross-entropy's signs but never vanishes on confident logits, and keeps each example's first
+    fooling iterate of any step or restart (more steps or restarts never raise robust accuracy).
+    "ce32" is the papers' (grok-adversarial attacks.py): float32 cross-entropy averaged over the batch,
+    the last iterate scored. Past a margin of ~90 float32 rounds 1 - p_y to 0: the gradient is exactly
+    zero, the point never moves and counts as robust (gradient masking). Their code starts at x
+    (random_start=False). Eval mode; refuses (ValueError) a NaN or negative eps or alpha, bad inputs."""
     if loss not in PGD_LOSSES:
         raise ValueError(f"loss must be one of {PGD_LOSSES}, got {loss!r}")
     _check_points(x, "pgd_attack")
@@ -383,8 +357,7 @@ def pgd_accuracy(model, x, y, eps, alpha, steps, batch_size=None, loss="log1m", 
 
 
 def logit_margins(model, x, y, batch_size=1024):
-    """z_y - max_{j != y} z_j per example (float64, on the CPU): > 0 where the model is right.
-    Multiplying the logits by k multiplies the margins by k."""
+    """z_y - max_{j != y} z_j per example (float64, on the CPU): > 0 where the model is right."""
     y = _as_labels(y, len(x))
     out = []
     with torch.no_grad(), eval_mode(model), tf32_flags(False):
@@ -396,8 +369,8 @@ def logit_margins(model, x, y, batch_size=1024):
 
 
 def zero_grad_fraction(model, x, y, batch_size=2048):
-    """Fraction of examples whose input gradient of the float32 cross-entropy (batch mean, as the
-    papers' attack) is exactly zero at the clean point: points that attack cannot move."""
+    """Fraction of examples where the papers' attack cannot move: the input gradient of the float32
+    cross-entropy (batch mean) is exactly zero at the clean point."""
     y = _as_labels(y, len(x))
     zero = 0
     with eval_mode(model), tf32_flags(False):
@@ -692,8 +665,7 @@ def sync(device):
         getattr(torch, device.type).synchronize()
 
 
-def make_optimizer(cls, params, **kwargs):
-    """The fused implementation where the device has one (one kernel a step, no host-device sync)."""
+def make_optimizer(cls, params, **kwargs):  # fused where the device has it: one kernel a step, no host-device sync
     params = list(params)
     try:
         return cls(params, fused=True, **kwargs)
@@ -707,11 +679,10 @@ def compiled(model, enabled, device):  # --compile: the training step's model, w
 
 # ----------------------------------------------------------------------------- evaluation step, schedule, timing
 def evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer, full=True, batch_loss_max=None):
-    """One evaluation step: train and test accuracy and loss, measure(), the partition picture at init,
-    at the fit (the first step with train accuracy >= 99%) and at the end; one logged record, a progress
-    line, a checkpoint. A step already logged (a resumed run's) is skipped; a non-finite training loss
-    ends the run in one line. batch_loss_max: a 0-d tensor on the device, the worst batch loss since the
-    last evaluation, logged and reset (the spikes that sparse evaluations miss)."""
+    """One evaluation step: train and test accuracy and loss, measure(), the partition picture at init, at
+    the fit (first train accuracy >= 99%) and at the end; one logged record, a progress line, a checkpoint.
+    A step already logged is skipped; a non-finite training loss ends the run in one line. batch_loss_max:
+    a 0-d tensor, the worst batch loss since the last evaluation (the spikes sparse evaluations miss)."""
     logged = read_metrics(run)
     if logged and logged[-1]["step"] >= step:
         return
@@ -759,8 +730,13 @@ class Timer:
     training is timed per segment between evaluations (one sync each): no training step waits."""
 
     def __init__(self, device):
-        self.device, self.seconds, self.carried, self.start = device, {}, {}, time.perf_counter()
-        self.last_beat, self.segment, self.evaluations = self.start, None, 0
+        self.device, self.seconds, self.carried = device, {}, {}  # carried: earlier processes' (restore)
+        self.start = self.last_beat = time.perf_counter()
+        self.segment, self.evaluations = None, 0
+
+    def _add(self, name, since):
+        sync(self.device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - since
 
     @contextlib.contextmanager
     def __call__(self, name):
@@ -769,8 +745,7 @@ class Timer:
         try:
             yield
         finally:
-            sync(self.device)
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+            self._add(name, t)
 
     def start_training(self):
         sync(self.device)
@@ -778,10 +753,8 @@ class Timer:
 
     def stop_training(self):
         if self.segment is not None:
-            sync(self.device)
-            self.seconds["train"] = self.seconds.get("train", 0.0) + time.perf_counter() - self.segment
-            self.segment = None
-        self.evaluations += 1
+            self._add("train", self.segment)
+        self.segment, self.evaluations = None, self.evaluations + 1
 
     def heartbeat(self, step, first_step, total, eval_steps=(), every=30.0):
         """Every `every` seconds a line: steps/s and the time left (training at the rate so far, the
@@ -798,13 +771,11 @@ class Timer:
         print(f"step {step:>7}/{total} ({100 * step / max(total, 1):5.1f}%) {rate:7.0f} it/s, about {left / 60:.0f} "
               f"min left ({evals_left} evaluations of ~{per_eval:.0f} s to go)", flush=True)
 
-    def totals(self):
-        """Seconds per category and wall seconds, the run's earlier processes included (carried)."""
+    def totals(self):  # seconds per category and wall seconds, the run's earlier processes included
         seconds = {k: self.carried.get(k, 0.0) + self.seconds.get(k, 0.0) for k in {**self.carried, **self.seconds}}
         return {**seconds, "wall": seconds.get("wall", 0.0) + time.perf_counter() - self.start}
 
-    def report(self, train_steps):
-        """The whole run's time breakdown; train_steps: the steps trained in all its processes."""
+    def report(self, train_steps):  # the whole run's time breakdown; train_steps: trained in all its processes
         seconds = self.totals()
         wall = seconds.pop("wall")
         measured = sum(v for k, v in seconds.items() if k not in ("train", "setup"))
@@ -870,7 +841,7 @@ def whole_number(text):
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (e.g. 5000 or 5e3)") from None
+        value = math.nan
     if not (math.isfinite(value) and value == int(value)):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (e.g. 5000 or 5e3)")
     if abs(value) > 1e12:
@@ -880,9 +851,8 @@ def whole_number(text):
 
 def parse_config(cls, argv=None):
     """The Config dataclass from the command line: every field a --flag, its comment the help. PRESETS
-    {(field, value): {field: default}} fill the fields not given when a field has that value (--quick's
-    sizes, a data set's defaults). --resume takes the stored config.json; a flag given with it may
-    change only a field of NOT_THE_EXPERIMENT."""
+    {(field, value): {field: default}} fill the fields not given when a field has that value (--quick,
+    a data set). --resume takes the stored config.json; its flags may change only NOT_THE_EXPERIMENT."""
     helps = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(cls), re.M))
     parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
                                      allow_abbrev=False, argument_default=argparse.SUPPRESS)
@@ -912,17 +882,16 @@ def check_config(cfg, input_dim=None):
     """Every field by its type, before anything is written: whole numbers >= 1, floats finite and > 0,
     tuples of finite numbers >= 0 (ZERO_OK fields may be 0); then what the measurements need. A script
     checks its own special fields itself. The first violation ends the program in one line."""
-    zero_ok = getattr(cfg, "ZERO_OK", ())
     for f in dataclasses.fields(cfg):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        least = ", 0 or more" if f.name in zero_ok else " above 0"
-        if isinstance(value, int) and not isinstance(value, bool) and not value >= (0 if f.name in zero_ok else 1):
-            die(f"{flag} {value}: must be " + ("0 or more" if f.name in zero_ok else "a positive whole number")
+        zero_ok = f.name in getattr(cfg, "ZERO_OK", ())
+        if isinstance(value, int) and not isinstance(value, bool) and not value >= (0 if zero_ok else 1):
+            die(f"{flag} {value}: must be " + ("0 or more" if zero_ok else "a positive whole number")
                 + (" (0: all the training data)" if f.name == "train_size" else ""))
         if isinstance(value, int) and not isinstance(value, bool) and f.name != "seed" and value > 10**9:
             die(f"{flag} {value}: at most 1e9 (a count this large cannot run)")
-        if isinstance(value, float) and not (math.isfinite(value) and (value > 0 or f.name in zero_ok and value == 0)):
-            die(f"{flag} {value}: must be a finite number{least}")
+        if isinstance(value, float) and not (math.isfinite(value) and (value > 0 or zero_ok and value == 0)):
+            die(f"{flag} {value}: must be a finite number" + (", 0 or more" if zero_ok else " above 0"))
         if isinstance(value, tuple) and not (value and all(math.isfinite(v) and v >= 0 for v in value)):
             die(f"{flag} {' '.join(map(str, value))}: every value must be a finite number, 0 or more")
     for name in ("pgd_eps", "pgd_alpha"):
@@ -946,10 +915,9 @@ def check_config(cfg, input_dim=None):
 
 
 def start_run(out, config, device, notes=None):
-    """Claims the run folder (a lock refuses a second process) and records the run in config.json
-    (notes: more facts); returns (run, checkpoint state or None). A folder with a checkpoint is refused
-    without --resume and continued with it (config.json gains a "resumed" entry); one without starts
-    from step 0, the stopped attempt's metrics kept as metrics.failed.jsonl."""
+    """Claims the run folder (a lock) and records the run in config.json (notes: more facts); returns (run,
+    checkpoint state or None). A folder with a checkpoint needs --resume (config.json gains a "resumed"
+    entry); one without starts from step 0, a stopped attempt's metrics kept as metrics.failed.jsonl."""
     run = Path(out)
     has_checkpoint = (run / "checkpoint.pt").exists()
     if has_checkpoint and not config.resume:
@@ -1015,11 +983,8 @@ def log_metrics(run, record):
 
 def read_metrics(run, up_to_step=None):
     """The logged records; a half-written last line (a killed run) is skipped with a warning."""
-    path = Path(run) / "metrics.jsonl"
-    records = []
-    if not path.exists():
-        return records
-    lines = path.read_text().splitlines()
+    path, records = Path(run) / "metrics.jsonl", []
+    lines = path.read_text().splitlines() if path.exists() else []
     for i, line in enumerate(lines):
         try:
             record = json.loads(line)
@@ -1032,9 +997,7 @@ def read_metrics(run, up_to_step=None):
             die(f"{path}:{i + 1}: not a record of this toolkit (a JSON object with a whole-number step); restore the file "
                 f"(or remove that line)")
         records.append(record)
-    if up_to_step is not None:
-        records = [r for r in records if r["step"] <= up_to_step]
-    return records
+    return [r for r in records if up_to_step is None or r["step"] <= up_to_step]
 
 
 def truncate_metrics(run, step):  # on resume: the records after the checkpoint's step are redone
@@ -1098,12 +1061,11 @@ def restore(run, state, model, optimizer, generators, timer=None):
 
 
 def onset_summary(records, tol=0.03):  # tol: accuracies this close to the final value count as the same level
-    """Grokking onsets: the fit (first step with train accuracy >= 99%), then from it the first step
-    where test accuracy and each PGD accuracy reach 99% of their final value and never again fall more
-    than tol below that level (an early peak that collapses is not the onset), and the delays. An
-    onset needs a plateau (the last three evaluations within tol of the final value, which lies above
-    the curve's lowest by more than tol); else <key>_no_onset says why: no_rise, still_rising or
-    not_settled. Plus LC at init, min, max and end."""
+    """Grokking onsets: the fit (first train accuracy >= 99%), then from it the first step where test and
+    each PGD accuracy reach 99% of their final value and never again fall more than tol below that level
+    (an early peak that collapses is not the onset), and the delays. An onset needs a plateau (the last
+    three evaluations within tol of the final value, more than tol above the curve's lowest); else
+    <key>_no_onset says why: no_rise, still_rising or not_settled. Plus LC at init, min, max and end."""
     if not records:
         return {}
     fit = next((r["step"] for r in records if (r.get("train_acc") or 0) >= 0.99), None)
@@ -1605,11 +1567,9 @@ def load_image_folders(root, resolution, resize=False):
         other = "train" if split != "train" else test_split
         missing = sorted(set(splits[other]) - set(folders))
         if missing:
-            die(f"{root / split}: no class folder {', '.join(missing)} (it is in {other}/); both splits need the same "
-                f"classes")
-        empty = next((c for c, files in folders.items() if not files), None)
-        if empty is not None:
-            die(f"{root / split / empty}: a class folder without images")
+            die(f"{root / split}: no class folder {', '.join(missing)} (it is in {other}/); both need the same classes")
+        for c in (c for c, files in folders.items() if not files):
+            die(f"{root / split / c}: a class folder without images")
     if len(classes) < 2:
         die(f"{root}: {len(classes)} class folder(s); a classifier needs at least 2")
     files = [p for folders in splits.values() for fs in folders.values() for p in fs]
@@ -1622,9 +1582,8 @@ def load_image_folders(root, resolution, resize=False):
         except Exception:  # damaged (e.g. a killed write of an older version): decode again
             print(f"{cache} is damaged; decoding the images again")
     from PIL import Image
-    if resize:
-        import torchvision.transforms as T
-        to_tensor = T.Compose([T.Resize(resolution), T.CenterCrop(resolution), T.PILToTensor()])
+    import torchvision.transforms as T
+    to_tensor = T.Compose([T.Resize(resolution), T.CenterCrop(resolution)] * resize + [T.PILToTensor()])
     tensors = []
     for split, folders in splits.items():
         print(f"decoding {sum(map(len, folders.values()))} images of {root / split} (cached afterwards)")
@@ -1638,12 +1597,9 @@ def load_image_folders(root, resolution, resize=False):
                         rgb = img.convert("RGB")
                 except Exception as e:  # PIL: truncated or not an image
                     die(f"{path}: not a readable image ({type(e).__name__}: {e}); remove or replace it")
-                if resize:
-                    images.append(to_tensor(rgb))
-                elif rgb.size != (resolution, resolution):
+                if not resize and rgb.size != (resolution, resolution):
                     die(f"{path}: {rgb.size[0]}x{rgb.size[1]} px, but every image must be {resolution}x{resolution}")
-                else:
-                    images.append(torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1))
+                images.append(to_tensor(rgb))
                 labels.append(label)
         tensors += [torch.stack(images), torch.tensor(labels)]
     try:
