@@ -1566,8 +1566,9 @@ def load_image_folders(root, resolution, resize=False):
         missing = sorted(set(splits[other]) - set(folders))
         if missing:
             die(f"{root / split}: no class folder {', '.join(missing)} (it is in {other}/); both need the same classes")
-        for c in (c for c, files in folders.items() if not files):
-            die(f"{root / split / c}: a class folder without images")
+        empty = next((c for c, files in folders.items() if not files), None)
+        if empty is not None:
+            die(f"{root / split / empty}: a class folder without images")
     if len(classes) < 2:
         die(f"{root}: {len(classes)} class folder(s); a classifier needs at least 2")
     files = [p for folders in splits.values() for fs in folders.values() for p in fs]
@@ -1581,7 +1582,8 @@ def load_image_folders(root, resolution, resize=False):
             print(f"{cache} is damaged; decoding the images again")
     from PIL import Image
     import torchvision.transforms as T
-    to_tensor = T.Compose([T.Resize(resolution), T.CenterCrop(resolution)] * resize + [T.PILToTensor()])
+    resizing = [T.Resize(resolution), T.CenterCrop(resolution)] if resize else []
+    to_tensor = T.Compose(resizing + [T.PILToTensor()])
     tensors = []
     for split, folders in splits.items():
         print(f"decoding {sum(map(len, folders.values()))} images of {root / split} (cached afterwards)")
