@@ -144,8 +144,6 @@ def test_plots_leave_a_notebooks_backend_and_figures_alone(tmp_path):
         matplotlib.use(old)
 
 
-
-
 def test_an_early_peak_that_collapses_is_not_the_onset():
     # the full CIFAR-10 CNN under the papers' attack: above its final value while it learns, at 0 for
     # 1e5 steps, back to its final 8% at the end; the net never fits, so the search starts at step 0

@@ -136,6 +136,6 @@ def test_layer_ranks_are_the_float64_network_features_ranks():
         h = x
         for i in range(0, 8, 2):
             h = model[i](h)
-            float32_ranks.append(torch.linalg.matrix_rank(torch.cov(h.T)).item())
+            float32_ranks.append(torch.linalg.matrix_rank(torch.cov(h.double().T)).item())  # float64 from here
             h = h.relu()
     assert float32_ranks != got
