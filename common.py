@@ -154,7 +154,7 @@ def local_complexity(model, x, radius, directions, batch_size=64, zero_is_a_sign
     global RNG unchanged. Refuses (ValueError) non-floating or non-finite inputs and a bad radius."""
     _check_points(x, "local_complexity")
     if x.abs().max() > 10:
-        warnings.warn(f"local_complexity: inputs reach {x.abs().max().item():g}; the radius is in the inputs' units, so "
+        warnings.warn(f"local_complexity: inputs reach {x.abs().max().item():g}; the radius is in the inputs' units: "
                       "images in 0..255 need x / 255 (or a radius 255x larger)", stacklevel=2)
     if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
         raise ValueError(f"local_complexity: radius must be a finite number > 0, got {radius}")
@@ -249,7 +249,7 @@ def layer_ranks(model, x, batch_size=1024):
     def accumulate(layer, pre):
         h = einops.rearrange(pre, "n c h w -> (n h w) c" if pre.dim() == 4 else "n ... d -> (n ...) d")
         if layer not in stats:
-            stats[layer] = [h[0].clone(), 0, torch.zeros_like(h[0]), torch.zeros(h.shape[1], h.shape[1], dtype=h.dtype, device=h.device)]
+            stats[layer] = [h[0].clone(), 0, torch.zeros_like(h[0]), h.new_zeros(h.shape[1], h.shape[1])]
         shift, n, total, outer = stats[layer]
         c = h - shift
         stats[layer] = [shift, n + len(c), total + c.sum(0), outer + c.T @ c]
@@ -436,7 +436,7 @@ def units_notes(cfg, name):
              "pgd_alpha": to_pixels(cfg.pgd_alpha)}
     print(f"radii in normalised units; per channel in [0, 1] pixels: LC r {units['lc_radius']}, PGD eps "
           f"{units['pgd_eps']}, alpha {units['pgd_alpha']}")
-    return {"pixel_units": units, "normalisation": {"name": name, "mean": list(mean), "std": list(std), "source": source}}
+    return {"pixel_units": units, "normalisation": dict(name=name, mean=list(mean), std=list(std), source=source)}
 
 
 # ----------------------------------------------------------------------------- one evaluation
@@ -858,7 +858,8 @@ def parse_config(cls, argv=None):
                                      allow_abbrev=False, argument_default=argparse.SUPPRESS)
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
-        flag, text = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default: {f.default})".replace("%", "%%")
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{helps.get(f.name, '')} (default: {f.default})".replace("%", "%%")  # argparse formats % in help
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         elif f.type in (tuple, "tuple"):
@@ -993,9 +994,9 @@ def read_metrics(run, up_to_step=None):
                 warnings.warn(f"{path}:{i + 1}: skipped a half-written line (the run was killed while writing)")
                 continue
             die(f"{path}:{i + 1}: not JSON; the file is damaged: restore it (or remove that line)")
-        if not (isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool)):
-            die(f"{path}:{i + 1}: not a record of this toolkit (a JSON object with a whole-number step); restore the file "
-                f"(or remove that line)")
+        if not (isinstance(record, dict) and type(record.get("step")) is int):  # (a bool is not a step)
+            die(f"{path}:{i + 1}: not a record of this toolkit (a JSON object with a whole-number step); restore the "
+                f"file (or remove that line)")
         records.append(record)
     return [r for r in records if up_to_step is None or r["step"] <= up_to_step]
 
@@ -1297,7 +1298,8 @@ def _style(key, keys):
     if key.startswith(("rank_", "erank_")):
         import matplotlib
         layers = sorted(int(k.split("_")[1]) for k in keys)
-        return {"color": matplotlib.colormaps["viridis"](layers.index(int(key.split("_")[1])) / max(len(layers) - 1, 1))}
+        position = layers.index(int(key.split("_")[1])) / max(len(layers) - 1, 1)
+        return {"color": matplotlib.colormaps["viridis"](position)}
     if not key.startswith("pgd_"):
         return {}
     radii = list(dict.fromkeys(k.rsplit("_", 1)[1] for k in keys if k.startswith("pgd_")))
@@ -1444,7 +1446,7 @@ def read_idx(path):
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     if len(data) != 4 + 4 * ndim + math.prod(shape):
-        die(f"{path}: {len(data)} bytes, but its header announces shape {shape}: truncated or damaged; get the file again")
+        die(f"{path}: {len(data)} bytes, but its header announces shape {shape}: truncated or damaged; get it again")
     return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
 
 

@@ -54,10 +54,10 @@ MEAN, STD, _ = common.NORMALISATIONS[NORMALISATION]
 # measurement points, the evaluation steps): it is what makes the numbers comparable.
 @dataclasses.dataclass
 class Config:
-    data_dir: str = "data"  # torchvision root (cifar-10-batches-py/), a folder with train/<class>/ and test/<class>/ images, or an .npz
+    data_dir: str = "data"  # torchvision root (cifar-10-batches-py/), an .npz, or train/<class>/, test/<class>/ images
     download: bool = True  # download through torchvision when the files are missing
     train_size: int = 0  # training images, a seeded random subset (0: all of them, 50k for CIFAR-10)
-    train_eval_points: int = 0  # training images whose accuracy and loss are logged (0: all; else the first N of the shuffled set)
+    train_eval_points: int = 0  # training images whose accuracy and loss are logged (0: all; else a random N of them)
     width: int = 32  # channels of every conv layer
     steps: int = 260_000  # optimisation steps
     batch_size: int = 128  # training batch
@@ -84,7 +84,8 @@ class Config:
     resume: bool = False  # continue the run in --out from its last checkpoint (its stored config)
     continue_anyway: bool = False  # --resume although the code changed or the data cannot be checked (recorded)
     quick: bool = False  # a seconds-long run of the same code path
-    ZERO_OK = ("seed", "train_size", "train_eval_points", "evals_every", "weight_decay")  # may be 0; every other number must be above 0
+    # may be 0; every other number must be above 0
+    ZERO_OK = ("seed", "train_size", "train_eval_points", "evals_every", "weight_decay")
     CHOICES = {"device": ["auto", "cuda", "mps", "cpu"]}
     PRESETS = {("quick", True): dict(  # --quick: the same code path in seconds
         train_size=256, steps=60, evals=5, lc_points=16, pgd_points=32, lc_directions=4, pgd_steps=2,
@@ -108,8 +109,9 @@ def main(cfg):
     with timer("setup"):
         x_train, y_train, x_test, y_test = common.load_cifar10(cfg.data_dir, cfg.download)
     subset = common.take_train_subset(cfg, len(x_train), data_gen)
-    run, checkpoint = common.start_run(cfg.out, cfg, device, {**common.units_notes(cfg, NORMALISATION),
-                                                            "data": common.data_fingerprint(x_train, y_train, x_test, y_test)})
+    notes = {**common.units_notes(cfg, NORMALISATION),
+             "data": common.data_fingerprint(x_train, y_train, x_test, y_test)}
+    run, checkpoint = common.start_run(cfg.out, cfg, device, notes)
     # the data lives on the device as float tensors in [0, 1], NCHW; batches are drawn by indexing
     x_train = x_train[subset].permute(0, 3, 1, 2).float().div(255).to(device)
     y_train = y_train[subset].to(device)
@@ -149,7 +151,8 @@ def main(cfg):
     timer.start_training()  # no host-device sync inside this loop: the evaluations sync once each
     for step in range(start, cfg.steps + 1):
         if step in eval_steps:
-            common.evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer, batch_loss_max=batch_loss_max)
+            common.evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer,
+                                    batch_loss_max=batch_loss_max)
         if step == cfg.steps:
             break
         idx = torch.randint(len(x_train), (cfg.batch_size,), device=device, generator=sample_gen)

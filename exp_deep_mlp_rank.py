@@ -140,7 +140,8 @@ def main(cfg):
     timer.start_training()  # no host-device sync inside this loop: the evaluations sync once each
     for step in range(start, cfg.steps + 1):
         if step in eval_steps:
-            common.evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer, full=step in full_steps, batch_loss_max=batch_loss_max)
+            common.evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer,
+                                    full=step in full_steps, batch_loss_max=batch_loss_max)
         if step == cfg.steps:
             break
         idx = torch.randint(len(x_train), (cfg.batch_size,), device=device, generator=sample_gen)

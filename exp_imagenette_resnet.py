@@ -115,8 +115,9 @@ def image_folders(cfg):
             failed = f" ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
         found = next((f for f in candidates if (f / "train").is_dir() and (f / "val").is_dir()), None)
     if found is None:
-        common.die(f"no train/ and val/ image folders in {root} (nor in {root}/imagenette2-160/), and Imagenette could "
-                   f"not be downloaded{failed}; pass --data-dir <folder with train/<class>/*.jpg and val/<class>/*.jpg>")
+        common.die(f"no train/ and val/ image folders in {root} (nor in {root}/imagenette2-160/), and Imagenette "
+                   f"could not be downloaded{failed}; pass --data-dir <folder with train/<class>/*.jpg and "
+                   f"val/<class>/*.jpg>")
     return found
 
 
@@ -190,8 +191,8 @@ def main(cfg):
         x_train, y_train, x_test, y_test = load_data(cfg)
     n_classes = int(y_train.max()) + 1
     units = normalisation(cfg)  # the model's input constants, and so the units of every radius
-    run, checkpoint = common.start_run(cfg.out, cfg, device, {**common.units_notes(cfg, units),
-                                                            "data": common.data_fingerprint(x_train, y_train, x_test, y_test)})
+    notes = {**common.units_notes(cfg, units), "data": common.data_fingerprint(x_train, y_train, x_test, y_test)}
+    run, checkpoint = common.start_run(cfg.out, cfg, device, notes)
     # the training data lives on the device as uint8 (4x smaller); each batch becomes the model's input there
     x_train, y_train = x_train.to(device), y_train.to(device)
     test_order = torch.randperm(len(x_test), generator=data_gen)  # folders are sorted by class
@@ -234,7 +235,8 @@ def main(cfg):
     timer.start_training()  # no host-device sync inside this loop: the evaluations sync once each
     for step in range(start, cfg.steps + 1):
         if step in eval_steps:
-            common.evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer, batch_loss_max=batch_loss_max)
+            common.evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer,
+                                    batch_loss_max=batch_loss_max)
         if step == cfg.steps:
             break
         idx = torch.randint(len(x_train), (cfg.batch_size,), device=device, generator=sample_gen)

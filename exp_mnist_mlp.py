@@ -17,9 +17,9 @@ Data: --data-dir holds torchvision's layout (MNIST/raw/train-images-idx3-ubyte, 
 distributed; downloaded there unless --no-download), or is an .npz with x_train, y_train,
 x_test, y_test (uint8, N x 28 x 28). Units: images in [0, 1] (no normalisation), so the LC
 radius and PGD's eps and alpha are in pixel units, as in the paper. Hardware and time: 1e5 steps
-take 11-14 minutes on one CPU core (RESULTS.md); a GPU is not needed (not timed on one yet). The plot should show train accuracy
-at 100% early, test accuracy flat (init 1) or delayed (init 8), PGD accuracy rising late, and
-train LC falling before it.
+take about 9 minutes on one CPU core, a quarter of it measuring (benchmarks/README.md); a GPU is
+not needed. The plot should show train accuracy at 100% early, test accuracy flat (init 1) or
+delayed (init 8), PGD accuracy rising late, and train LC falling before it.
 """
 import dataclasses
 
@@ -133,7 +133,8 @@ def main(cfg):
     timer.start_training()  # no host-device sync inside this loop: the evaluations sync once each
     for step in range(start, cfg.steps + 1):
         if step in eval_steps:
-            common.evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer, batch_loss_max=batch_loss_max)
+            common.evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer,
+                                    batch_loss_max=batch_loss_max)
         if step == cfg.steps:
             break
         idx = torch.randint(len(x_train), (cfg.batch_size,), device=device, generator=sample_gen)

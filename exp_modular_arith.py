@@ -151,7 +151,8 @@ def main(cfg):
     timer.start_training()  # no host-device sync inside this loop: the evaluations sync once each
     for step in range(start, cfg.steps + 1):
         if step in eval_steps:
-            common.evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer, batch_loss_max=batch_loss_max)
+            common.evaluate_and_log(model, optimizer, generators, cfg, step, probes, run, timer,
+                                    batch_loss_max=batch_loss_max)
         if step == cfg.steps:
             break
         loss = F.cross_entropy(train_model(x_train), y_train)

@@ -3,11 +3,13 @@ refusal; small trained models; the TF32 flags), and tiny data sets in the real o
 import contextlib
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -81,8 +83,8 @@ def check_run_folder(run):
         assert key in last and np.isfinite(last[key]), key
     assert any(k.startswith("pgd_acc_") for k in last)
     eps_keys = [k.rsplit("_", 1)[1] for k in last if k.startswith("pgd_acc_")]
-    for key in [f"pgd_ce32_acc_{e}" for e in eps_keys] + ["margin_p10", "margin_p50", "margin_p90", "zero_grad_frac",
-                                                         "batch_loss_max"]:
+    for key in [f"pgd_ce32_acc_{e}" for e in eps_keys] + ["margin_p10", "margin_p50", "margin_p90",
+                                                          "zero_grad_frac", "batch_loss_max"]:
         assert key in last and np.isfinite(last[key]), key
     assert last["margin_p10"] <= last["margin_p50"] <= last["margin_p90"]
     assert 0 <= last["zero_grad_frac"] <= 1
@@ -152,13 +154,7 @@ def flags_seen_inside(module):
     return seen
 
 
-
 # ------------------------------------------------------------ tiny data sets in the real on-disk formats
-import struct  # noqa: E402
-
-import pytest  # noqa: E402
-
-
 def write_idx(path, array):
     """IDX as in the MNIST distribution: magic (0, 0, dtype 0x08, ndim), big-endian sizes, bytes."""
     with open(path, "wb") as f:

@@ -154,6 +154,6 @@ def test_an_early_peak_that_collapses_is_not_the_onset():
     assert s["train_acc_99_step"] is None
     assert s["pgd_ce32_acc_0.196_99pct_of_final_step"] == 240000  # 0.0795 >= 0.99 * 0.080, and it stays there
     # a rise that dips back within tol of the level still has its onset at the first crossing
-    wobbly = [{"step": s, "train_acc": 1.0, "test_acc": v} for s, v in zip(range(0, 700, 100),
-                                                                       [0.1, 0.5, 0.9, 0.88, 0.9, 0.91, 0.9])]
+    levels = [0.1, 0.5, 0.9, 0.88, 0.9, 0.91, 0.9]
+    wobbly = [{"step": s, "train_acc": 1.0, "test_acc": v} for s, v in zip(range(0, 700, 100), levels)]
     assert common.onset_summary(wobbly)["test_acc_99pct_of_final_step"] == 200

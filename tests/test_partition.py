@@ -73,4 +73,3 @@ def test_anchor_points_take_three_classes_or_the_first_three_inputs():
     assert points.flatten().tolist() == [2.0, 3.0, 0.0] and labels.tolist() == [0, 1, 2]
     points, labels = common.anchor_points(x, torch.tensor([1, 1, 0, 0, 1, 0]))
     assert points.flatten().tolist() == [0.0, 1.0, 2.0] and labels.tolist() == [1, 1, 0]
-

@@ -50,7 +50,6 @@ def test_compare_groups_a_sweep_by_the_fields_that_differ_and_refuses_mixed_expe
         assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "x.png").exists()
 
 
-
 def test_compare_refuses_one_folder_under_two_spellings_and_mixed_data_sets(tmp_path):
     _fake_run(tmp_path / "a", "exp_mnist_mlp.py", {"seed": 0}, (0.1, 0.5, 0.9))
     proc = run_script("tools/runs.py", "compare", tmp_path / "a", f"{tmp_path}/a/../a", "--out", tmp_path / "x.png", ok=False)
