@@ -1,11 +1,10 @@
 """The run folder: metrics.jsonl (strict JSON, a half-written line), metrics.csv and metrics.png,
-log-spaced steps, the onsets of summary.json, decision-boundary points."""
+log-spaced steps, the onsets of summary.json."""
 import json
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import common
 
@@ -72,19 +71,6 @@ def test_onset_summary_finds_the_steps():
     # PGD accuracy 0.7 at step 0 (a weak model's transient) is not the onset: the rise after fitting is
     assert s["pgd_acc_0.1_99pct_of_final_step"] == 5000 and s["pgd_acc_0.1_delay_steps"] == 4990
     assert (s["lc_train_init"], s["lc_train_min"], s["lc_train_max"], s["lc_train_end"]) == (5.0, 0.5, 6.0, 0.5)
-
-
-def test_boundary_points_lie_between_two_classes():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
-    x = torch.randn(200, 4)
-    bp = common.boundary_points(model, x, steps=30)
-    assert 150 < len(bp) <= 200
-    # a tiny step in some direction changes the prediction: check along the bisection segment
-    with torch.no_grad():
-        logits = model(bp)
-        top2 = logits.topk(2, dim=1).values
-    assert (top2[:, 0] - top2[:, 1]).max() < 1e-4  # the two best classes tie: the point is on the boundary
 
 
 def test_onset_thresholds_are_inclusive_and_searched_from_the_fit_step():

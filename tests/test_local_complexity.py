@@ -1,5 +1,6 @@
 """local_complexity against independent oracles: a closed form at layer 1, exact region
-enumeration in 2D, monotonicity, batch and layout invariance, and no side effects."""
+enumeration in 2D, monotonicity, batch and layout invariance, and no side effects; its directions
+(Gram-Schmidt), its summary (a closed form) and its decision-boundary points (a hyperplane)."""
 import numpy as np
 import pytest
 import torch
@@ -22,6 +23,27 @@ def test_random_directions_orthonormal_and_leave_global_rng_alone():
     assert torch.equal(state, torch.get_rng_state())
     assert torch.allclose(v @ v.T, torch.eye(25), atol=1e-5)
     assert torch.equal(v, common.random_directions(25, 100, torch.Generator().manual_seed(3)))
+
+
+def test_random_directions_are_gram_schmidt_of_their_gaussian():
+    # the draw is defined by its Gaussian: classical Gram-Schmidt of the same columns, in numpy, gives
+    # the same rows (QR's signs fixed, so no LAPACK's sign convention leaks into the directions)
+    g = torch.randn(40, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64).numpy()
+    basis = []
+    for column in g.T:
+        for b in basis:
+            column = column - (b @ column) * b
+        basis.append(column / np.linalg.norm(column))
+    got = common.random_directions(6, 40, torch.Generator().manual_seed(4))
+    assert np.allclose(got.numpy(), np.array(basis), atol=1e-6)
+
+
+def test_lc_summary_is_the_mean_over_points_of_the_sum_over_layers_with_a_99pct_interval():
+    counts = torch.tensor([[1, 2], [3, 4], [0, 5]])  # points x layers: totals 3, 7, 5
+    mean, half = common.lc_summary(counts)
+    assert mean == 5.0
+    assert half == pytest.approx(2.576 * 2.0 / np.sqrt(3), rel=1e-12)  # sample std of 3, 7, 5 is 2
+    assert np.isnan(common.lc_summary(torch.tensor([[4, 1]]))[1])  # one point: no interval
 
 
 def test_layer_one_matches_closed_form():
@@ -84,6 +106,38 @@ def exact_cut_counts(weights, biases, x, v, r):
         regions = next_regions
         counts.append(int(cut.sum()))
     return counts
+
+
+def test_boundary_points_lie_on_a_linear_classifiers_hyperplane():
+    # two classes, logits W x + b: the boundary is the hyperplane g(p) = (w1 - w0) p + b1 - b0 = 0; after
+    # 20 bisections a segment of length <= sqrt(5) (the unit cube's diagonal) leaves |g| <= |w1 - w0| sqrt(5) 2^-21
+    torch.manual_seed(0)
+    model = nn.Linear(5, 2)
+    with torch.no_grad():
+        model.bias[1] = model.bias[0] - (model.weight[1] - model.weight[0]).sum() / 2  # through the cube's centre
+    x = torch.rand(200, 5, generator=torch.Generator().manual_seed(1))
+    w, b = (model.weight[1] - model.weight[0]).detach(), (model.bias[1] - model.bias[0]).detach()
+    assert 0.3 < ((x @ w + b) > 0).float().mean() < 0.7  # both classes, so every point finds a partner
+    points = common.boundary_points(model, x, steps=20)
+    assert len(points) == len(x)
+    assert (points @ w + b).abs().max() <= w.norm() * 5 ** 0.5 * 2 ** -21 + 1e-5
+    assert ((points >= 0) & (points <= 1)).all()  # on segments between the points
+    with torch.no_grad():
+        model.bias[1] = 1e3  # one class everywhere: no boundary between the points
+    assert len(common.boundary_points(model, x)) == 0
+
+
+def test_boundary_points_lie_between_two_classes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(200, 4)
+    bp = common.boundary_points(model, x, steps=30)
+    assert 150 < len(bp) <= 200
+    # a tiny step in some direction changes the prediction: check along the bisection segment
+    with torch.no_grad():
+        logits = model(bp)
+        top2 = logits.topk(2, dim=1).values
+    assert (top2[:, 0] - top2[:, 1]).max() < 1e-4  # the two best classes tie: the point is on the boundary
 
 
 def test_exact_2d_oracle_equal_at_layer_one_never_exceeded_deeper():

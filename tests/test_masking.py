@@ -1,5 +1,7 @@
 """The papers' attack (loss="ce32") against a float32 reference, and gradient masking on scaled logits:
 multiplying a model's logits by k changes no decision, so true robustness is unchanged."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -120,7 +122,13 @@ def test_integer_and_nan_inputs_are_refused_and_labels_of_any_integer_dtype_work
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         common.pgd_accuracy(model, bad, y, eps=0.1, alpha=0.01, steps=2)
-    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    for labels in (y.float(), y.bool()):  # float or bool labels: a mistake, not a class index
+        with pytest.raises(ValueError, match="labels must be integers"):
+            common.pgd_accuracy(model, x, labels, eps=0.1, alpha=0.01, steps=2)
+
+    def gen():
+        return torch.Generator().manual_seed(0)
+
     want = common.pgd_accuracy(model, x, y, 0.1, 0.01, 2, generator=gen())
     for dtype in (torch.uint8, torch.int16, torch.int32):
         assert common.pgd_accuracy(model, x, y.to(dtype), 0.1, 0.01, 2, generator=gen()) == want
@@ -164,6 +172,53 @@ def test_ce32_on_more_than_one_batch_where_float32_matters(scale):
     if scale == "underflow":  # here the batch is part of the attack's definition
         assert got != reference_accuracy(scaled, x, y, 0.1, 0.03, 5, batch=1024)
 
+
+def float64_ce_gradient(model, x, y):
+    """The batch-mean cross-entropy's input gradient with the model and its arithmetic in float64."""
+    x64 = x.double().requires_grad_(True)
+    grad, = torch.autograd.grad(F.cross_entropy(copy.deepcopy(model).double()(x64), y), x64)
+    return grad
+
+
+def test_ce32_is_float32_where_float64_would_step_elsewhere():
+    """Three classes, margins of 20-30: float32 rounds p_y to 1, so the true class's entry of the
+    logit gradient is 0 and the step follows the other classes alone; in float64 (p_y < 1) it would
+    point elsewhere. The papers' attack follows float32, step by step."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    x = 0.3 + 0.4 * torch.rand(500, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+        scaled = Scaled(model, 25.0 / common.logit_margins(model, x, y).median().item())
+    margins = common.logit_margins(scaled, x, y)
+    keep = (margins > 20) & (margins < 30)
+    x, y = x[keep], y[keep]
+    assert len(x) > 50
+    start = torch.full_like(x, 0.5)  # noise 0.5: the reference starts at x
+    got = common.pgd_attack(scaled, x, y, 0.1, 0.03, 3, loss="ce32", random_start=False)
+    assert torch.equal(got, reference_ce32(scaled, x, y, 0.1, 0.03, 3, start))
+    step32 = reference_ce32(scaled, x, y, 0.1, 0.03, 1, start) - x
+    step64 = 0.03 * float64_ce_gradient(scaled, x, y).sign().float()
+    assert (step32.sign() != step64.sign()).any(1).float().mean() > 0.3  # the regime where precision decides
+
+
+def test_masking_starts_near_a_margin_of_17_when_the_other_logits_are_flat():
+    """Class 0's logit is a constant, class 1's is 5 sum(x) + 14: margins of 20-28. float32 rounds
+    p_1 to 1, so the input gradient is exactly 0 (zero_grad_frac 1) and the papers' attack never
+    moves; in float64 (p_1 = 1 - e^-m) it is not 0, and the toolkit's attack breaks every point."""
+    model = nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.0] * 4, [5.0] * 4]))
+        model.bias.copy_(torch.tensor([0.0, 14.0]))
+    x = 0.3 + 0.4 * torch.rand(300, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.ones(300, dtype=torch.long)
+    margins = common.logit_margins(model, x, y)
+    assert margins.min() > 20 and margins.max() < 28
+    assert (float64_ce_gradient(model, x, y) != 0).all()
+    assert common.zero_grad_fraction(model, x, y) == 1.0
+    attack = dict(eps=2.0, alpha=0.5, steps=5, random_start=False, lo=-1e9, hi=1e9)
+    assert common.pgd_accuracy(model, x, y, loss="ce32", **attack) == 1.0
+    assert common.pgd_accuracy(model, x, y, **attack) == 0.0
 
 def test_zero_grad_fraction_counts_gradients_zero_in_every_coordinate():
     """Against a float32 batch-mean reference gradient, on margins across the underflow threshold and a

@@ -63,6 +63,41 @@ def test_normalised_radii_are_scaled_by_each_channels_std():
     assert weaker > ce32  # ... and radii 4x too small (the misspelt-key failure) from the right ones
 
 
+
+def test_every_logged_lc_rank_and_norm_value_equals_the_library_called_by_hand():
+    """Train and test points apart, rank on fewer points than PGD: LC at each set and at the decision
+    boundary between the LC test points, rank on the first rank_points test points, the weight norm."""
+    model, fields, cfg = tiny_setting(60)
+    x_test = torch.rand(60, 3, 4, 4, generator=torch.Generator().manual_seed(9))
+    y_test = model(x_test).argmax(1).detach()
+    lc_points = {"train": fields["train"][0][:20], "test": x_test[:20], "random": torch.rand(20, 3, 4, 4)}
+    fields = {**fields, "test": (x_test, y_test), "lc_points": lc_points}
+    cfg = types.SimpleNamespace(**{**vars(cfg), "rank_points": 7, "pgd_points": 40})
+    rec = common.measure(model, cfg, common.Probes(**fields), common.Timer(torch.device("cpu")), step=1)
+    sets = {**lc_points, "boundary": common.boundary_points(model, x_test[:20])}
+    assert len(sets["boundary"]) > 0
+    for name, points in sets.items():
+        counts = common.local_complexity(model, points, cfg.lc_radius, fields["directions"], cfg.lc_batch)
+        assert (rec[f"lc_{name}"], rec[f"lc_{name}_ci"]) == common.lc_summary(counts), name
+    wrong = common.lc_summary(common.local_complexity(model, common.boundary_points(model, lc_points["train"]),
+                                                      cfg.lc_radius, fields["directions"], cfg.lc_batch))
+    assert wrong[0] != rec["lc_boundary"]  # the boundary between the train points would read otherwise
+    for i, (rank, erank) in enumerate(common.layer_ranks(model, x_test[:7])):
+        assert (rec[f"rank_{i + 1}"], rec[f"erank_{i + 1}"]) == (rank, round(erank, 2))
+    assert rec["erank_1"] != round(common.layer_ranks(model, x_test[:40])[0][1], 2)  # rank_points count, not pgd_points
+    assert rec["weight_norm"] == common.weight_norm(model)
+
+
+def test_normalize_and_the_pixel_units_record_against_the_constants_written_out():
+    x = torch.rand(5, 3, 4, 4)
+    mean, std = torch.tensor(MEAN).reshape(3, 1, 1), torch.tensor(STD).reshape(3, 1, 1)
+    assert torch.allclose(common.Normalize(MEAN, STD)(x), (x - mean) / std)
+    cfg = types.SimpleNamespace(lc_radius=0.005, pgd_eps=(8 / 255,), pgd_alpha=4 / 255)
+    units = common.units_notes(cfg, "cifar10_true")["pixel_units"]
+    assert units["lc_radius"] == pytest.approx([0.005 * s for s in STD], rel=1e-3)
+    assert units["pgd_eps"] == [pytest.approx([8 / 255 * s for s in STD], rel=1e-3)]
+    assert units["pgd_alpha"] == pytest.approx([4 / 255 * s for s in STD], rel=1e-3)
+
 def test_the_authors_constants_are_pinned_channel_by_channel():
     # written out from the reference code: grok-adversarial dataloaders.py (Normalize) and configs.py
     # (dmin, dmax), torchvision's ImageNet constants, and CIFAR-10's own mean and std
@@ -113,3 +148,24 @@ def test_with_a_random_start_and_no_steps_both_attacks_score_the_same_points():
     cfg = types.SimpleNamespace(**{**vars(cfg), "pgd_steps": 0, "ce32_random_start": True, "pgd_eps": (0.2,)})
     rec = common.measure(model, cfg, common.Probes(**fields), common.Timer(torch.device("cpu")), step=3)
     assert rec["pgd_acc_0.2"] == rec["pgd_ce32_acc_0.2"] < 1.0  # the same random starts, and they fool some
+
+
+def test_the_papers_attack_clamps_where_probes_say():
+    """Black-and-white images, where every clamp binds: the papers' attack under papers_clamp "box"
+    and "normalised" equals the function called with [0, 1] and with papers_box, and the two differ;
+    the toolkit's attack clamps to [0, 1] either way."""
+    model, fields, cfg = tiny_setting(300)
+    x = fields["test"][0].round()
+    y = model(x).argmax(1).detach()
+    fields = {**fields, "train": (x, y), "test": (x, y)}
+    cfg = types.SimpleNamespace(**{**vars(cfg), "pgd_eps": (0.5,), "pgd_alpha": 0.2, "pgd_points": 300})
+    std = torch.tensor(STD).reshape(3, 1, 1)
+    rec = {}
+    for clamp, (lo, hi) in (("box", (0.0, 1.0)), ("normalised", common.papers_box("cifar10_true"))):
+        probes = common.Probes(**fields, units="cifar10_true", papers_clamp=clamp)
+        rec[clamp] = common.measure(model, cfg, probes, common.Timer(torch.device("cpu")), step=0)
+        by_hand = common.pgd_accuracy(model, x, y, 0.5 * std, 0.2 * std, cfg.pgd_steps, loss="ce32", lo=lo, hi=hi,
+                                      random_start=False)
+        assert rec[clamp]["pgd_ce32_acc_0.5"] == by_hand, clamp
+    assert rec["box"]["pgd_ce32_acc_0.5"] != rec["normalised"]["pgd_ce32_acc_0.5"]
+    assert rec["box"]["pgd_acc_0.5"] == rec["normalised"]["pgd_acc_0.5"]

@@ -46,6 +46,13 @@ def test_region_ids_do_not_depend_on_batch_size():
     patterns = torch.cat([pre1 > 0, pre2 > 0], 1)
     _, expected = torch.unique(patterns, dim=0, return_inverse=True)
     assert torch.equal(ids_a[:, None] == ids_a[None], expected[:, None] == expected[None])
+    # a neuron exactly at 0 is off, as in LC's cut rule (> 0 on, <= 0 off): 0 and -0.5 share a region
+    gate = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 2))
+    with torch.no_grad():
+        gate[0].weight.fill_(1.0)
+        gate[0].bias.fill_(0.0)
+    ids, _, _ = common.region_ids(gate, torch.tensor([[0.0], [-0.5], [0.5]]), (1,))
+    assert ids[0] == ids[1] != ids[2]
 
 
 def test_boundary_density_counts_the_lines_between_neighbouring_grid_points():

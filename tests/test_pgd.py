@@ -1,4 +1,5 @@
-"""pgd_attack and pgd_accuracy: constraints, a closed-form worst case, monotonicity, no side effects."""
+"""pgd_attack and pgd_accuracy: constraints, a closed-form worst case, the margin after each step,
+restarts against their probability of success, monotonicity, no side effects."""
 import pytest
 import torch
 import torch.nn as nn
@@ -38,6 +39,46 @@ def test_reaches_the_closed_form_worst_case_of_a_linear_classifier():
                               generator=torch.Generator().manual_seed(0))
     assert 0.1 < expected < 0.6
     assert got == expected
+
+
+@pytest.mark.parametrize("loss", ["log1m", "ce32"])
+def test_each_step_lowers_a_linear_margin_by_alpha_times_the_l1_norm(loss):
+    # two classes, from x (no random start): every sign step moves each coordinate by alpha towards
+    # the other class, so after k steps the margin is m - min(k alpha, eps) |w_y - w_o|_1: the number
+    # of steps taken is pinned, k by k, for both attacks
+    torch.manual_seed(2)
+    model = nn.Linear(8, 2)
+    x = torch.randn(400, 8)
+    y = model(x).argmax(1).detach()
+    w, b = model.weight.detach(), model.bias.detach()
+    margin = ((w[y] - w[1 - y]) * x).sum(1) + b[y] - b[1 - y]
+    l1 = (w[y] - w[1 - y]).abs().sum(1)
+    alpha, eps = 0.05, 0.3
+    by_steps = []
+    for k in range(1, 9):
+        expected = (margin - min(k * alpha, eps) * l1 > 0).sum().item() / len(x)
+        got = common.pgd_accuracy(model, x, y, eps, alpha, k, random_start=False, lo=-1e9, hi=1e9, loss=loss)
+        assert got == expected, k
+        by_steps.append(got)
+    assert all(a > b for a, b in zip(by_steps[:6], by_steps[1:6])) and by_steps[5:] == [by_steps[5]] * 3  # eps caps it
+
+
+@pytest.mark.parametrize("loss", ["log1m", "ce32"])
+def test_restarts_find_what_one_random_start_misses(loss):
+    # x = 0.5, eps 0.1: the class-1 logit is 10 relu(x - 0.55) against 0.3 for class 0, so its gradient
+    # is zero at x and wherever a start lands at or below 0.55; a start above 0.55 (probability 1/4)
+    # climbs to 0.6 and fools the model. Robust after R restarts: probability (3/4)^R
+    model = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.fill_(-0.55)
+        model[2].weight.copy_(torch.tensor([[0.0], [10.0]]))
+        model[2].bias.copy_(torch.tensor([0.3, 0.0]))
+    x, y = torch.full((4000, 1), 0.5), torch.zeros(4000, dtype=torch.long)
+    for restarts in (1, 2, 4, 8):
+        got = common.pgd_accuracy(model, x, y, 0.1, 0.02, 5, restarts=restarts, loss=loss,
+                                  generator=torch.Generator().manual_seed(restarts))
+        assert abs(got - 0.75 ** restarts) < 0.03, (restarts, got)  # 4000 draws: sd <= 0.007
 
 
 def test_robust_accuracy_falls_with_eps_steps_and_restarts():

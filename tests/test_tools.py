@@ -1,5 +1,6 @@
 """tools/runs.py compare: seeds in a band with their spread in the table, sweeps grouped by the
-fields that differ, mixed experiments and a folder given twice refused (split-mnist: test_cli.py)."""
+fields that differ, mixed experiments and a folder given twice refused (split-mnist: test_cli.py);
+tools/mutants.py's pieces of common.py each still there once."""
 import json
 import sys
 
@@ -80,3 +81,12 @@ def test_one_band_per_group_of_seeds_and_none_for_single_runs(tmp_path, monkeypa
     runs_tool.compare_runs(sorted(tmp_path.glob("wd*")), tmp_path / "seeds.png")
     assert len(bands) == 2 * 2  # per setting, one band for each of train_acc and test_acc
     assert sorted(set(bands)) == ["C0", "C1"]  # in its setting's colour
+
+
+def test_every_mutant_of_tools_mutants_is_one_piece_of_common():
+    # tools/mutants.py replaces exact pieces of common.py: after a refactor each must still occur once
+    import mutants
+    source = (REPO / "common.py").read_text()
+    assert len(mutants.MUTANTS) > 40
+    for name, piece, replacement in mutants.MUTANTS:
+        assert source.count(piece) == 1 and replacement != piece, name
