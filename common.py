@@ -25,6 +25,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -1333,7 +1334,7 @@ def plot_run(run, path=None):
                 mid = dict(zip(xs, ys))
                 centre = np.array([mid[x] for x in cx])
                 ax.fill_between(cx, centre - cy, centre + cy, alpha=0.2, color=line.get_color())
-        finish_panel(ax, panel, ylabel, len(ks))
+        finish_panel(ax, panel, ylabel)
     save_figure(fig, path or Path(run) / "metrics.png")
     return [panel for _, (panel, _, _) in panels]
 
@@ -1358,12 +1359,12 @@ def panel_figure(runs, title):
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle("\n".join(textwrap.fill(line, 160) for line in title.split("\n")), fontsize=11)  # long settings wrap
     positive = [r["step"] for r in everything if r["step"] > 0]
     return fig, list(zip(axes.flat, panels)), min(positive) / 2 if positive else 1
 
 
-def finish_panel(ax, panel, ylabel, n_lines):
+def finish_panel(ax, panel, ylabel):
     ax.set_xscale("log")
     if panel == "loss" and any(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
         ax.set_yscale("log")
@@ -1377,9 +1378,13 @@ def finish_panel(ax, panel, ylabel, n_lines):
     if panel.endswith("rank per layer") and panel.startswith("feature"):
         from matplotlib.ticker import MaxNLocator
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # a rank is a whole number
-    if ax.get_legend_handles_labels()[0]:  # below the panel, never over the data
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False,
-                  ncol=1 if n_lines <= 2 else 2 if n_lines <= 6 else 3)
+    handles, labels = ax.get_legend_handles_labels()
+    if panel.endswith("rank per layer") and len(handles) > 6:  # many layers: six named, the colours tell the rest
+        named = sorted({round(i) for i in np.linspace(0, len(handles) - 1, 6)})
+        handles, labels = [handles[i] for i in named], [labels[i] for i in named]
+    if handles:  # below the panel, never over the data
+        ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False,
+                  ncol=1 if len(handles) <= 2 else 2 if len(handles) <= 6 else 3)
 
 
 def save_figure(fig, path, footer="step 0 is drawn at half the first logged step (log axis); LC bands: 99% "

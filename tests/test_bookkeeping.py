@@ -47,6 +47,22 @@ def test_run_folder_metrics_csv_and_plot(tmp_path):
         common.start_run(run, Cfg(), torch.device("cpu"))
 
 
+
+def test_legends_stay_short_enough_to_fit_under_their_panel():
+    # a ResNet has 16-17 ReLU layers: a legend naming each would run into the panel below, so a rank
+    # panel names six layers, first and last among them (the colours order the rest); other panels keep all
+    from matplotlib.figure import Figure
+    axes = Figure().subplots(1, 2)
+    for i in range(16):
+        axes[0].plot([1, 2], [i, i], label=f"rank_{i + 1}")
+    for i in range(7):
+        axes[1].plot([1, 2], [i, i], label=f"pgd_acc_{i}")
+    common.finish_panel(axes[0], "feature rank per layer", "rank")
+    common.finish_panel(axes[1], "PGD accuracy", "accuracy")
+    named = [text.get_text() for text in axes[0].get_legend().get_texts()]
+    assert len(named) == 6 and named[0] == "rank_1" and named[-1] == "rank_16"
+    assert len(axes[1].get_legend().get_texts()) == 7
+
 def test_half_written_last_line_is_skipped_with_a_warning(tmp_path):
     common.log_metrics(tmp_path, {"step": 0, "train_acc": 0.1})
     common.log_metrics(tmp_path, {"step": 5, "train_acc": 0.2})

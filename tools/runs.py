@@ -59,7 +59,7 @@ def plot_runs(groups, path, title):
         if several:  # the metrics' styles in grey; the settings' colours are in the figure's legend
             for k in ks:
                 ax.plot([], [], color="0.35", lw=1.2, ms=4, label=common._label(k), **styles[k])
-        common.finish_panel(ax, panel, ylabel, len(ks))
+        common.finish_panel(ax, panel, ylabel)
     footer = ("colours: the settings (legend under the title); line styles and markers: each panel's legend"
               if several else "PGD: a colour per ε, solid the toolkit's attack, dashed the papers'")
     common.save_figure(fig, path, footer + "; step 0 is drawn at half the first logged step (log axis)")
