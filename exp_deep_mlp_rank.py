@@ -21,8 +21,8 @@ distributed; downloaded there unless --no-download), or is an .npz with x_train,
 x_test, y_test (uint8, N x 28 x 28). Units: images in [0, 1], radii in pixel units. The rank is
 that of the network's own features: a float64 forward of the model's weights, as the paper's
 float64 model computes them (float32 features raise the rank behind a low-rank bottleneck).
-Hardware and time: depth 12, 1e5 steps: 108 minutes on one (shared) CPU core, 90 of them
-training (RESULTS.md, 3a); on a GPU not timed yet (target: a minute). The plot should
+Hardware and time: depth 12, 1e5 steps: about an hour on one CPU core, a fifth of it measuring
+(benchmarks/README.md); on a GPU not timed yet (target: a minute). The plot should
 show test accuracy rising in one or two stages long after train accuracy hits 100%, and the rank
 of the deep layers falling (then rising and falling again in the two-stage case) as it does.
 """
