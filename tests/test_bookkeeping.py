@@ -1,12 +1,14 @@
-"""The run folder: metrics.jsonl (strict JSON, a half-written line), metrics.csv and metrics.png,
-log-spaced steps, the onsets of summary.json."""
+"""The run folder: metrics.jsonl (strict JSON, a half-written line, a damaged one), metrics.csv and
+metrics.png, log-spaced steps, the onsets of summary.json, the partition pictures' three steps."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import common
+from conftest import records, run_script
 
 
 def test_log_steps_are_log_spaced_and_include_both_ends():
@@ -63,7 +65,7 @@ def test_legends_stay_short_enough_to_fit_under_their_panel():
     assert len(named) == 6 and named[0] == "rank_1" and named[-1] == "rank_16"
     assert len(axes[1].get_legend().get_texts()) == 7
 
-def test_half_written_last_line_is_skipped_with_a_warning(tmp_path):
+def test_half_written_last_line_is_skipped_with_a_warning(tmp_path, capsys):
     common.log_metrics(tmp_path, {"step": 0, "train_acc": 0.1})
     common.log_metrics(tmp_path, {"step": 5, "train_acc": 0.2})
     with open(tmp_path / "metrics.jsonl", "a") as f:
@@ -74,6 +76,12 @@ def test_half_written_last_line_is_skipped_with_a_warning(tmp_path):
     with pytest.warns(UserWarning):
         common.truncate_metrics(tmp_path, 3)
     assert [r["step"] for r in common.read_metrics(tmp_path)] == [0]
+    # a damaged line before the last is not a killed write: the file is refused, not silently shortened
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "train_a\n{"step": 12, "train_acc": 0.3}\n')
+    with pytest.raises(SystemExit) as refused:
+        common.read_metrics(tmp_path)
+    assert refused.value.code == 2 and "not JSON; the file is damaged" in capsys.readouterr().err
 
 
 def test_onset_summary_finds_the_steps():
@@ -159,3 +167,19 @@ def test_an_early_peak_that_collapses_is_not_the_onset():
     levels = [0.1, 0.5, 0.9, 0.88, 0.9, 0.91, 0.9]
     wobbly = [{"step": s, "train_acc": 1.0, "test_acc": v} for s, v in zip(range(0, 700, 100), levels)]
     assert common.onset_summary(wobbly)["test_acc_99pct_of_final_step"] == 200
+
+
+def test_partition_pictures_at_init_at_the_first_fit_and_at_the_end(tmp_path, mnist_dir, monkeypatch):
+    drawn, draw = [], common.partition_picture
+
+    def recorded(model, anchors, path, *args, **kwargs):
+        drawn.append((Path(path).name, kwargs["title"]))
+        return draw(model, anchors, path, *args, **kwargs)
+
+    monkeypatch.setattr(common, "partition_picture", recorded)
+    run_script("exp_mnist_mlp.py", "--quick", "--no-download", "--data-dir", mnist_dir, "--out", tmp_path / "run")
+    logged = records(tmp_path / "run")
+    fit = next(r["step"] for r in logged if r["train_acc"] >= 0.99)
+    assert fit < logged[-2]["step"]  # evaluations after the fit, which draw no picture
+    assert drawn == [("partition_init.png", "step 0: "), ("partition_fit.png", f"step {fit}: "),
+                     ("partition_end.png", f"step {logged[-1]['step']}: ")]

@@ -1,7 +1,9 @@
 """The CIFAR-10 class-folder layout (train/<class>/*, test/ or val/), read by exp_cifar_cnn.py and
 exp_imagenette_resnet.py --dataset cifar10 through one loader: exact pixels from PNGs, shapes and
-labels from JPEGs, a cache that follows the folder, and one line naming the file for a bad folder."""
+labels from JPEGs, a cache that follows the folder, and one line naming the file for a bad folder;
+the training subset, seeded and random."""
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -101,3 +103,12 @@ def test_a_bad_class_folder_is_named_in_one_line(tmp_path, how):
     message = _break(tmp_path / "cifar", how)
     refused(run_script("exp_cifar_cnn.py", "--data-dir", tmp_path / "cifar", "--out", tmp_path / "run", ok=False),
             message, tmp_path / "run")
+
+
+def test_the_training_subset_is_a_seeded_random_one_or_the_first_examples():
+    cfg = types.SimpleNamespace(train_size=5)
+    drawn = common.take_train_subset(cfg, 100, torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, torch.randperm(100, generator=torch.Generator().manual_seed(3))[:5])
+    assert not torch.equal(drawn, torch.arange(5))  # random, not the first five (data files are often sorted)
+    assert torch.equal(common.take_train_subset(cfg, 100), torch.arange(5))
+    assert len(common.take_train_subset(types.SimpleNamespace(train_size=0), 100, torch.Generator())) == 100

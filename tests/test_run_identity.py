@@ -1,6 +1,7 @@
-"""A run knows what it is: --resume refuses another script's folder, other data, an edited config.json
-and a changed --compile, before anything is written; a kill during the metrics rewrite loses nothing;
-the data and sizes that cannot work are refused up front; a real torch.save failure is survived."""
+"""A run knows what it is: --resume refuses another script's folder, other data, an edited config.json,
+a run made before a field existed and a changed --compile, before anything is written; a kill during
+the metrics rewrite loses nothing; the data and sizes that cannot work are refused up front; a real
+torch.save failure is survived."""
 import json
 import shutil
 import subprocess
@@ -69,6 +70,32 @@ def test_resume_refuses_an_edited_config_and_a_changed_compile(mnist_run):
     refused(run_script("exp_mnist_mlp.py", "--out", mnist_run, "--resume", "--compile", ok=False),
             "holds a run with --compile False")
 
+
+
+def test_resume_refuses_a_run_made_before_a_field_existed(mnist_run):
+    # a run from an older version of the script has no pgd_restarts in config.json: today's default
+    # could differ from what it ran with, so the resume is refused, naming the field
+    path = mnist_run / "config.json"
+    info = json.loads(path.read_text())
+    del info["config"]["pgd_restarts"]
+    path.write_text(json.dumps(info))
+    before = snapshot(mnist_run)
+    refused(run_script("exp_mnist_mlp.py", "--out", mnist_run, "--resume", "--steps", "40", ok=False),
+            "made by an older version of this script, without --pgd-restarts")
+    assert snapshot(mnist_run) == before
+
+
+def test_resume_refuses_fewer_steps_than_its_checkpoint_and_redoes_what_came_after_it(mnist_run):
+    before = snapshot(mnist_run)
+    refused(run_script("exp_mnist_mlp.py", "--out", mnist_run, "--resume", "--steps", "10", ok=False),
+            "is at step 20, past --steps 10; give --steps 20 or more")
+    assert snapshot(mnist_run) == before
+    # a record after the checkpoint (a process killed between an evaluation and its checkpoint) is redone
+    common.log_metrics(mnist_run, {"step": 21, "train_acc": 0.123})
+    run_script("exp_mnist_mlp.py", "--out", mnist_run, "--resume", "--steps", "40")
+    steps = [r["step"] for r in records(mnist_run)]
+    assert steps == sorted(set(steps)) and steps[-1] == 40
+    assert all(r.get("train_acc") != 0.123 for r in records(mnist_run))
 
 def test_a_kill_during_the_metrics_rewrite_loses_no_record(tmp_path):
     run = tmp_path / "run"
