@@ -23,6 +23,13 @@ def test_eps_zero_gives_clean_accuracy():
     assert common.pgd_accuracy(model, x, y, eps=0.0, alpha=0.01, steps=5) == clean > 0.95
 
 
+def two_class_margins(model, x, y):
+    """A two-class linear model's margins (w_y - w_o) x + b_y - b_o and the L1 norms |w_y - w_o|_1."""
+    w, b = model.weight.detach(), model.bias.detach()
+    other = 1 - y
+    return ((w[y] - w[other]) * x).sum(1) + b[y] - b[other], (w[y] - w[other]).abs().sum(1)
+
+
 def test_reaches_the_closed_form_worst_case_of_a_linear_classifier():
     # two classes, logits W x + b: the worst L-inf perturbation lowers the margin by eps * |w_y - w_o|_1
     torch.manual_seed(1)
@@ -30,11 +37,9 @@ def test_reaches_the_closed_form_worst_case_of_a_linear_classifier():
     x = torch.randn(500, 8)
     y = model(x).argmax(1).detach()
     y[::3] = 1 - y[::3]  # some points start misclassified
-    w, b = model.weight.detach(), model.bias.detach()
-    other = 1 - y
-    margin = ((w[y] - w[other]) * x).sum(1) + b[y] - b[other]
+    margin, l1 = two_class_margins(model, x, y)
     eps = 0.3
-    expected = (margin - eps * (w[y] - w[other]).abs().sum(1) > 0).sum().item() / len(x)
+    expected = (margin - eps * l1 > 0).sum().item() / len(x)
     got = common.pgd_accuracy(model, x, y, eps, alpha=0.2, steps=5, lo=-1e9, hi=1e9,
                               generator=torch.Generator().manual_seed(0))
     assert 0.1 < expected < 0.6
@@ -50,9 +55,7 @@ def test_each_step_lowers_a_linear_margin_by_alpha_times_the_l1_norm(loss):
     model = nn.Linear(8, 2)
     x = torch.randn(400, 8)
     y = model(x).argmax(1).detach()
-    w, b = model.weight.detach(), model.bias.detach()
-    margin = ((w[y] - w[1 - y]) * x).sum(1) + b[y] - b[1 - y]
-    l1 = (w[y] - w[1 - y]).abs().sum(1)
+    margin, l1 = two_class_margins(model, x, y)
     alpha, eps = 0.05, 0.3
     by_steps = []
     for k in range(1, 9):
